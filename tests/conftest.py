@@ -1,0 +1,45 @@
+"""Shared fixtures: real images shipped offline, and small settings every test can use."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _foolbox_data() -> Path | None:
+    spec = importlib.util.find_spec("foolbox")  # located, never imported: we only read its files
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def foolbox_data() -> Path:
+    """20 real ImageNet JPEGs + 20 CIFAR/MNIST PNGs (installed by `make setup`)."""
+    path = _foolbox_data()
+    if path is None:
+        pytest.fail("foolbox data missing: run `make setup` (installs foolbox==3.3.4 --no-deps)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist() -> Path:
+    """Real Fashion-MNIST IDX files; `make fmnist` installs the Debian package."""
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST not installed (needs root: `make fmnist`)")
+    return FASHION_MNIST
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
