@@ -1,0 +1,106 @@
+"""Decide whether input bytes are a usable image, and re-encode them only when asked to.
+
+The default check is structural and cheap enough for pass-through sharding at disk speed:
+Pillow parses the header (format, size), PNG chunks are CRC-checked up to IEND, and a JPEG
+must end with its end-of-image marker (what a truncated download or copy loses). `check="decode"`
+decodes every pixel as well, catching corruption inside an otherwise well-formed file.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+Image.MAX_IMAGE_PIXELS = None  # huge scans are legitimate inputs; size limits belong to --resize-short-side
+
+PASS_THROUGH = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+"""Formats stored as they are; anything else (GIF, BMP, TIFF, ...) is re-encoded as PNG (lossless)."""
+
+
+class RejectedImage(Exception):
+    """The input is not a usable image; the message says why (it goes to errors.jsonl)."""
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    data: bytes
+    ext: str
+    original_size: tuple[int, int]
+    size: tuple[int, int]
+    source_format: str
+    reencoded: bool
+
+
+def _check_jpeg_end(data: bytes) -> None:
+    if not data.startswith(b"\xff\xd8"):
+        raise RejectedImage("JPEG without start-of-image marker")
+    if b"\xff\xd9" not in data[-64:].rstrip(b"\x00\r\n\x1a "):
+        raise RejectedImage("truncated JPEG (no end-of-image marker)")
+
+
+def inspect(data: bytes, check: str = "structure") -> Image.Image:
+    """Open `data` (header only unless check == "decode") or raise RejectedImage."""
+    if not data:
+        raise RejectedImage("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise RejectedImage("not an image (format not recognised by Pillow)") from None
+    except Exception as e:  # Pillow raises many types for malformed headers
+        raise RejectedImage(f"unreadable image header: {e}") from None
+    try:
+        if img.format == "JPEG":
+            _check_jpeg_end(data)
+        elif img.format == "PNG" and check != "decode":
+            Image.open(io.BytesIO(data)).verify()  # chunk CRCs through IEND, no inflate
+        if check == "decode" or img.format not in PASS_THROUGH:
+            img.load()
+    except RejectedImage:
+        raise
+    except Exception as e:
+        raise RejectedImage(f"corrupt or truncated {img.format}: {e}") from None
+    return img
+
+
+def _encode(img: Image.Image, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        if img.mode not in ("RGB", "L"):
+            img = img.convert("RGB")
+        img.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False)
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def prepare(
+    data: bytes,
+    *,
+    check: str = "structure",
+    resize_short_side: int | None = None,
+    reencode: bool = False,
+    quality: int = 95,
+) -> StoredImage:
+    """Return the bytes to store: the original ones unless a resize or re-encode is needed.
+
+    Re-encoding keeps the kind of compression (JPEG stays JPEG at `quality`, the rest become PNG)
+    so a lossless corpus never silently turns lossy.
+    """
+    img = inspect(data, check)
+    fmt, (w, h) = img.format or "?", img.size
+    too_big = resize_short_side is not None and min(w, h) > resize_short_side
+    if not too_big and not reencode and fmt in PASS_THROUGH:
+        return StoredImage(data, PASS_THROUGH[fmt], (w, h), (w, h), fmt, False)
+    try:
+        img.load()
+        if too_big:
+            scale = resize_short_side / min(w, h)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        out_fmt = "JPEG" if fmt == "JPEG" else "PNG"
+        out = _encode(img, out_fmt, quality)
+    except Exception as e:
+        raise RejectedImage(f"cannot decode {fmt} for re-encoding: {e}") from None
+    ext = "jpg" if out_fmt == "JPEG" else "png"
+    return StoredImage(out, ext, (w, h), img.size, fmt, True)

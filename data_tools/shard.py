@@ -1,0 +1,183 @@
+"""`python -m data_tools.shard --src SRC --out OUT`: image corpus -> WebDataset shards.
+
+Output: `OUT/<prefix>-NNNNNN.tar` (or `<prefix>-train-…` / `<prefix>-val-…` with --val-fraction),
+`OUT/manifest.json`, `OUT/errors.jsonl`. Same input + options -> byte-identical shards for any
+--workers; an interrupted run (even kill -9) is finished by rerunning the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_tools import TOOL_VERSION
+from data_tools.plan import ShardPlan, brace_pattern, plan_shards
+from data_tools.sources import Source, SourceError, fingerprint, open_source, parse_class_names
+from data_tools.writer import STATE_DIR, ShardResult, WriteOptions, load_completed, write_shard
+
+_worker_source: Source | None = None  # set per writer process (inherited with fork)
+
+
+def _init_worker(source: Source) -> None:
+    global _worker_source
+    _worker_source = source
+
+
+def _write_task(task: tuple[ShardPlan, Path, WriteOptions, list[str]]) -> ShardResult:
+    plan, out, opts, class_names = task
+    assert _worker_source is not None
+    return write_shard(_worker_source, plan, out, opts, class_names)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m data_tools.shard", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", type=Path, required=True,
+                   help="ImageFolder root, .csv/.jsonl manifest (path,label[,extra]) or IDX images file")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    p.add_argument("--labels", type=Path, help="IDX labels file (default: derived from the images file name)")
+    p.add_argument("--class-names", help="comma-separated names, or a file with one name per line")
+    p.add_argument("--prefix", default="data", help="shard name prefix (default: data)")
+    p.add_argument("--samples-per-shard", type=int, default=10_000)
+    p.add_argument("--max-shard-bytes", type=float, default=1e9,
+                   help="close a shard before it would exceed this many bytes (planned from file sizes)")
+    p.add_argument("--workers", type=int, default=1, help="writer processes (output does not depend on it)")
+    p.add_argument("--resize-short-side", type=int,
+                   help="re-encode images whose short side exceeds this, resized down to it")
+    p.add_argument("--reencode", action="store_true", help="re-encode every image (JPEG stays JPEG)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
+    p.add_argument("--check", choices=["structure", "decode"], default="structure",
+                   help="structure: headers, PNG CRCs, JPEG end marker (fast); decode: every pixel")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="hash-based deterministic val split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the val split and the sample shuffle")
+    p.add_argument("--no-shuffle", action="store_true",
+                   help="keep listing order (ImageFolder order makes class-pure shards: avoid for training)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _lock(out: Path):
+    handle = open(out / ".shard.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"error: {out} is being written by another data_tools.shard process") from None
+    return handle
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Leftovers of a killed run; safe to delete because we hold the output lock."""
+    for folder in (out, out / STATE_DIR):
+        for p in folder.glob("*.tmp-*"):
+            p.unlink(missing_ok=True)
+
+
+def _run_plans(source: Source, todo: list[ShardPlan], out: Path, opts: WriteOptions,
+               class_names: list[str], workers: int, bar: tqdm):
+    tasks = [(plan, out, opts, class_names) for plan in todo]
+    if workers <= 1 or len(tasks) <= 1:
+        _init_worker(source)
+        for t in tasks:
+            result = _write_task(t)
+            bar.update(len(t[0].items))
+            yield result
+        return
+    ctx = mp.get_context("fork")  # children inherit the listing (and any loaded IDX arrays)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(source,)) as pool:
+        for result, t in zip(pool.imap(_write_task, tasks), tasks):
+            bar.update(len(t[0].items))
+            yield result
+
+
+def build_manifest(source: Source, plans: list[ShardPlan], results: dict[str, ShardResult],
+                   options: dict) -> dict:
+    splits: dict[str, dict] = {}
+    for plan in plans:
+        r = results[plan.name]
+        s = splits.setdefault(plan.split, {"num_samples": 0, "num_rejected": 0, "bytes": 0, "shards": []})
+        s["shards"].append({"name": r.name, "num_samples": r.num_samples, "bytes": r.bytes, "sha256": r.sha256})
+        s["num_samples"] += r.num_samples
+        s["num_rejected"] += r.num_rejected
+        s["bytes"] += r.bytes
+    for s in splits.values():
+        s["num_shards"] = len(s["shards"])
+        s["pattern"] = brace_pattern([sh["name"] for sh in s["shards"]])
+    # No timestamps: the manifest is as reproducible as the shards it describes.
+    return {
+        "tool": "data_tools.shard", "tool_version": TOOL_VERSION,
+        "source": {"path": str(source.root), "kind": source.kind, "fingerprint": fingerprint(source),
+                   "num_items": len(source.items)},
+        "options": options,
+        "class_names": source.class_names, "num_classes": len(source.class_names),
+        "num_samples": sum(s["num_samples"] for s in splits.values()),
+        "num_rejected": sum(s["num_rejected"] for s in splits.values()),
+        "num_shards": len(plans),
+        "splits": splits,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        source = open_source(args.src, labels=args.labels, class_names=parse_class_names(args.class_names))
+    except SourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    opts = WriteOptions(args.check, args.resize_short_side, args.reencode, args.quality)
+    options = {**asdict(opts), "samples_per_shard": args.samples_per_shard,
+               "max_shard_bytes": int(args.max_shard_bytes), "val_fraction": args.val_fraction,
+               "seed": args.seed, "shuffle": not args.no_shuffle, "prefix": args.prefix}
+    try:
+        plans = plan_shards(source.items, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
+                            max_shard_bytes=int(args.max_shard_bytes) or None, val_fraction=args.val_fraction,
+                            seed=args.seed, shuffle=not args.no_shuffle, options=options)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out: Path = args.out
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    _remove_stale_temporaries(out)
+
+    results: dict[str, ShardResult] = {}
+    todo = []
+    for plan in plans:
+        done = load_completed(out, plan)
+        if done is not None:
+            results[plan.name] = done
+        else:
+            todo.append(plan)
+    total = sum(len(p.items) for p in todo)
+    start = time.perf_counter()
+    with tqdm(total=total, unit="img", desc=f"sharding {args.src.name}", disable=args.no_progress,
+              dynamic_ncols=True) as bar:
+        for r in _run_plans(source, todo, out, opts, source.class_names, args.workers, bar):
+            results[r.name] = r
+    elapsed = time.perf_counter() - start
+
+    manifest = build_manifest(source, plans, results, options)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    with open(out / "errors.jsonl", "w") as f:
+        for plan in plans:
+            for rej in results[plan.name].rejects:
+                f.write(json.dumps(rej, sort_keys=True) + "\n")
+    written = sum(results[p.name].num_samples for p in todo)
+    rejected = manifest["num_rejected"]
+    nbytes = sum(s["bytes"] for s in manifest["splits"].values())
+    print(f"shard: {manifest['num_samples']} images in {len(plans)} shards ({nbytes / 1e6:.1f} MB) -> {out}; "
+          f"{rejected} rejected (errors.jsonl); this run wrote {written} images in {len(todo)} shards "
+          f"({len(plans) - len(todo)} already complete) at {written / max(elapsed, 1e-9):.0f} images/s")
+    lock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

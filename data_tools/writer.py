@@ -1,0 +1,119 @@
+"""Write one planned shard atomically and record what went into it.
+
+Bytes are deterministic: webdataset's TarWriter with a fixed mtime, owner and mode, members in
+sorted key order, and plan-fixed sample order. The tar goes to `<name>.tmp-<pid>` and is renamed
+only when complete; then a small sidecar (`.shard-state/<name>.json`: plan digest, sha256,
+count, rejects) is written, also atomically. Resume trusts a shard only with a matching sidecar.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import webdataset as wds
+
+from data_tools.images import RejectedImage, prepare
+from data_tools.plan import ShardPlan, sample_key
+from data_tools.sources import Source
+
+STATE_DIR = ".shard-state"
+FIXED_MTIME = 0  # reproducible tars: no wall-clock time inside
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    check: str = "structure"
+    resize_short_side: int | None = None
+    reencode: bool = False
+    quality: int = 95
+
+
+@dataclass
+class ShardResult:
+    name: str
+    split: str
+    digest: str
+    num_samples: int
+    num_rejected: int
+    bytes: int
+    sha256: str
+    rejects: list[dict]
+    skipped: bool = False  # already complete from an earlier run
+
+
+class _HashingWriter:
+    """File wrapper that hashes while writing, so the sha256 costs no second read of the shard."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b: bytes) -> int:
+        self.sha.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def state_path(out: Path, name: str) -> Path:
+    return out / STATE_DIR / f"{name}.json"
+
+
+def load_completed(out: Path, plan: ShardPlan) -> ShardResult | None:
+    """The earlier result for this shard if its tar is present, its size matches, and it was
+    written from the same plan entry; otherwise None (the shard is (re)written)."""
+    try:
+        rec = json.loads(state_path(out, plan.name).read_text())
+        if rec["digest"] == plan.digest and (out / plan.name).stat().st_size == rec["bytes"]:
+            return ShardResult(**{**rec, "skipped": True})
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_shard(source: Source, plan: ShardPlan, out: Path, opts: WriteOptions, class_names: list[str]) -> ShardResult:
+    rejects: list[dict] = []
+    count = 0
+    final = out / plan.name
+    tmp = final.with_name(f"{plan.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as raw:
+        sink = _HashingWriter(raw)
+        with wds.TarWriter(sink, user="root", group="root", mode=0o444, encoder=False, mtime=FIXED_MTIME) as tw:
+            for item in plan.items:
+                try:
+                    data = source.read(item)
+                except OSError as e:
+                    rejects.append({"source": item.ref, "reason": f"unreadable: {e.strerror or e}"})
+                    continue
+                try:
+                    img = prepare(data, check=opts.check, resize_short_side=opts.resize_short_side,
+                                  reencode=opts.reencode, quality=opts.quality)
+                except RejectedImage as e:
+                    rejects.append({"source": item.ref, "reason": str(e)})
+                    continue
+                meta = {"source": item.ref, "label": class_names[item.label], "format": img.source_format,
+                        "original_size": list(img.original_size), "size": list(img.size), **item.extra}
+                tw.write({"__key__": sample_key(item), img.ext: img.data,
+                          "cls": str(item.label).encode(),
+                          "json": json.dumps(meta, sort_keys=True).encode()})
+                count += 1
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, final)
+    for r in rejects:
+        r["shard"] = plan.name
+    result = ShardResult(plan.name, plan.split, plan.digest, count, len(rejects), sink.size,
+                         sink.sha.hexdigest(), rejects)
+    _atomic_write_text(state_path(out, plan.name), json.dumps(asdict(result) | {"skipped": False}, sort_keys=True))
+    return result
