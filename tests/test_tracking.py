@@ -1,0 +1,205 @@
+"""MLflow run lifecycle: config/params/tags/artifacts, batched metrics, resume, sweeps, outages."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+from pathlib import Path
+
+import matplotlib
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from vitscale.tracking import MlflowTracker, NullTracker, TrackingError, TrackingSettings, make_tracker
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow sqlite store; creating one costs seconds, copying it milliseconds."""
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, template_db, monkeypatch) -> str:
+    db = tmp_path / "mlflow.db"
+    shutil.copy(template_db, db)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return f"sqlite:///{db}"
+
+
+def _cfg(tmp_path: Path, uri: str, **tracking) -> dict:
+    shards = tmp_path / "shards"
+    shards.mkdir(exist_ok=True)
+    (shards / "manifest.json").write_text(json.dumps({"source_fingerprint": "sha256:abc123", "num_samples": 7}))
+    return {
+        "output_dir": str(tmp_path / "out"),
+        "model": {"name": "vit_tiny", "depth": 2, "blocks": [1, 2, 3], "note": "x" * 7000},
+        "data": {"train_shards": str(shards / "train-{000000..000003}.tar")},
+        "tracking": {"uri": uri, "experiment": "unit", "artifact_dir": str(tmp_path / "mlartifacts"), **tracking},
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_non_zero_rank_and_disabled_get_null_tracker(tmp_path, store):
+    assert isinstance(make_tracker(_cfg(tmp_path, store), rank=1), NullTracker)
+    assert isinstance(make_tracker(_cfg(tmp_path, store, enabled=False), rank=0), NullTracker)
+    with pytest.raises(ValueError, match="unknown tracking.* keys.*'urii'"):
+        make_tracker({"tracking": {"urii": "x"}}, rank=0)
+
+
+def test_run_records_config_metrics_artifacts_and_provenance(tmp_path, store):
+    import matplotlib.pyplot as plt
+
+    cfg = _cfg(tmp_path, store)
+    tracker = make_tracker(cfg, rank=0)
+    assert isinstance(tracker, MlflowTracker)
+    tracker.start(cfg, ds_config={"zero_optimization": {"stage": 2}}, tags={"purpose": "unit"})
+    for step in range(2500):  # more than one log_batch (1000 metrics) worth
+        tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png = tracker.log_figure(fig, "curves")
+    plt.close(fig)
+    tracker.end()
+
+    client = MlflowClient(store)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.depth"] == "2"
+    assert run.data.params["model.blocks"] == "[1, 2, 3]"
+    assert run.data.params["model.note"].endswith("[truncated; see config/config.yaml]")
+    assert run.data.tags["data.train_fingerprint"] == "sha256:abc123"
+    assert run.data.tags["purpose"] == "unit"
+    assert run.data.tags["vitscale.output_dir"] == str(tmp_path / "out")
+    assert "mlflow.source.git.commit" in run.data.tags or shutil.which("git") is None
+    history = client.get_metric_history(tracker.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(2500))
+    artifacts = {f.path for d in ("config", "figures") for f in client.list_artifacts(tracker.run_id, d)}
+    assert artifacts == {"config/config.yaml", "config/deepspeed_config.json", "figures/curves.png"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "mlartifacts").is_dir()  # embedded store keeps artifacts where configured
+
+
+def test_resume_reopens_the_same_run(tmp_path, store, caplog):
+    cfg = _cfg(tmp_path, store)
+    first = make_tracker(cfg, 0)
+    first.start(cfg)
+    first.log_metrics({"loss": 2.0}, 0)
+    first.end("KILLED")
+
+    cfg2 = _cfg(tmp_path, store) | {"resume": f"runs:/{first.run_id}"}
+    cfg2["model"] = dict(cfg2["model"], depth=3)
+    second = make_tracker(cfg2, 0)
+    with caplog.at_level(logging.WARNING, logger="vitscale.tracking"):
+        second.start(cfg2)
+    second.log_metrics({"loss": 1.0}, 1)
+    second.end()
+    assert second.run_id == first.run_id
+    run = MlflowClient(store).get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.depth"] == "2"  # params are immutable: the original is kept...
+    assert "1 changed params" in caplog.text and "model.depth" in caplog.text  # ...and the change is reported
+    assert [m.step for m in MlflowClient(store).get_metric_history(first.run_id, "loss")] == [0, 1]
+
+
+def test_restarted_trial_reattaches_to_its_child_run(tmp_path, store):
+    client = MlflowClient(store)
+    exp = client.create_experiment("unit", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    parent = client.create_run(exp).info.run_id
+    runs = []
+    for attempt in range(2):
+        cfg = _cfg(tmp_path, store, parent_run_id=parent, trial_id="trial_0007")
+        tracker = make_tracker(cfg, 0)
+        tracker.start(cfg)
+        tracker.log_metrics({"loss": float(attempt)}, attempt)
+        tracker.end("FAILED" if attempt == 0 else "FINISHED")
+        runs.append(tracker.run_id)
+    assert runs[0] == runs[1]
+    run = client.get_run(runs[0])
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["vitscale.trial_id"] == "trial_0007"
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_unreachable_server_never_stops_training(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{_free_port()}"
+    cfg = _cfg(tmp_path, uri, retries=2, backoff_s=0.5, retry_interval_s=30)
+    clock = _FakeClock()
+    tracker = MlflowTracker(TrackingSettings.from_mapping(cfg["tracking"]), tmp_path / "out",
+                            clock=clock, sleep=clock.sleep)
+    with caplog.at_level(logging.WARNING, logger="vitscale.tracking"):
+        tracker.start(cfg)
+        for step in range(20):
+            tracker.log_metrics({"loss": 1.0, "lr": 0.1}, step)
+            clock.now += 5.0  # 100 s of "training": a few retry windows pass
+        tracker.end()
+    assert clock.sleeps[:1] == [0.5]  # retried with backoff before giving up
+    assert tracker.run_id is None and tracker.failures >= 2
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("buffering and retrying" in r.getMessage() for r in warnings) == 1  # one line, then a count
+    unsent = (tmp_path / "out" / "tracking" / "unsent_metrics.jsonl").read_text().splitlines()
+    assert len(unsent) == 40 and json.loads(unsent[-1])["step"] == 19  # nothing lost silently
+
+
+def test_unreachable_server_is_fatal_in_strict_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = _cfg(tmp_path, f"http://127.0.0.1:{_free_port()}", strict=True, retries=1)
+    tracker = make_tracker(cfg, 0)
+    with pytest.raises(TrackingError, match="open run failed.*tracking.strict=true"):
+        tracker.start(cfg)
+
+
+def test_outage_mid_run_buffers_then_flushes_in_order(tmp_path, store, caplog):
+    cfg = _cfg(tmp_path, store, retries=2, retry_interval_s=30, flush_interval_s=0)
+    clock = _FakeClock()
+    tracker = MlflowTracker(TrackingSettings.from_mapping(cfg["tracking"]), tmp_path / "out",
+                            clock=clock, sleep=clock.sleep)
+    tracker.start(cfg)
+    client = tracker._client_or_create()
+    real_log_batch = client.log_batch
+    down = {"on": True}
+
+    def flaky_log_batch(*args, **kwargs):
+        if down["on"]:
+            raise MlflowException("503 Service Unavailable", error_code="TEMPORARILY_UNAVAILABLE")
+        return real_log_batch(*args, **kwargs)
+
+    client.log_batch = flaky_log_batch
+    with caplog.at_level(logging.WARNING, logger="vitscale.tracking"):
+        for step in range(10):
+            tracker.log_metrics({"loss": float(step)}, step)
+            clock.now += 1.0
+        assert tracker.pending == 10  # buffered, not lost, not blocking
+        down["on"] = False
+        clock.now += 30.0  # the next retry window opens
+        tracker.log_metrics({"loss": 10.0}, 10)
+        assert tracker.pending == 0
+        tracker.end()
+    history = MlflowClient(store).get_metric_history(tracker.run_id, "loss")
+    assert [m.step for m in history] == list(range(11))
+    assert "reachable again" in caplog.text

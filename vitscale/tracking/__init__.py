@@ -1,0 +1,13 @@
+"""Experiment tracking (MLflow): the run, its metrics and artifacts, the model registry, URI resolution."""
+from vitscale.tracking.mlflow_tracker import MlflowTracker, NullTracker, Tracker, TrackingSettings, make_tracker
+from vitscale.tracking.registry import (
+    RegisteredVersion, ResolvedCheckpoint, ResolvedWeights, register_export, resolve_resume, resolve_weights,
+)
+from vitscale.tracking.resilience import TrackingError
+from vitscale.tracking.uris import parse_uri, resolve_tracking_uri
+
+__all__ = [
+    "MlflowTracker", "NullTracker", "RegisteredVersion", "ResolvedCheckpoint", "ResolvedWeights", "Tracker",
+    "TrackingError", "TrackingSettings", "make_tracker", "parse_uri", "register_export", "resolve_resume",
+    "resolve_tracking_uri", "resolve_weights",
+]

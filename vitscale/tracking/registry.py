@@ -1,0 +1,346 @@
+"""Model registry: publish a consolidated export as a model version, and turn URIs back into local files.
+
+A registered version points at a plain artifact directory (model.safetensors + model_config.json +
+train_config.yaml), not an MLflow "logged model": any tool can read safetensors, and MLflow 3's
+`mlflow.register_model` refuses plain directories, so versions are created with MlflowClient directly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
+from mlflow.exceptions import MlflowException
+
+from vitscale.tracking.uris import URI_FORMS, LocalURI, ModelURI, RunURI, parse_uri, resolve_tracking_uri
+
+WEIGHTS_FILE = "model.safetensors"
+MODEL_CONFIG_FILE = "model_config.json"
+TRAIN_CONFIG_FILE = "train_config.yaml"
+REQUIRED_EXPORT_FILES = (WEIGHTS_FILE, MODEL_CONFIG_FILE)
+EXPORT_ARTIFACT_DIR = "export"
+CHECKPOINT_ARTIFACT_DIR = "checkpoints"
+OUTPUT_DIR_TAG = "vitscale.output_dir"
+BEST_ALIAS = "best"
+LATEST = "latest"  # reserved by MLflow: always the newest version, never stored as an alias
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    run_id: str
+    source: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """A local export directory plus where it came from (for the fine-tune run's lineage tags).
+
+    Path-like (`os.fspath`, `/`), so callers that only want the directory can treat it as one.
+    """
+
+    path: Path
+    uri: str
+    model_name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, other: str) -> Path:
+        return self.path / other
+
+    def lineage_tags(self) -> dict[str, str]:
+        tags = {"finetune.source_uri": self.uri}
+        if self.model_name:
+            tags |= {"finetune.source_model": self.model_name, "finetune.source_version": str(self.version)}
+        if self.run_id:
+            tags["finetune.source_run_id"] = self.run_id
+        return tags
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """A local DeepSpeed checkpoint root (holding `latest` and `<tag>/`) and the run it belongs to."""
+
+    path: Path
+    tag: str
+    run_id: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, other: str) -> Path:
+        return self.path / other
+
+
+# ---------------------------------------------------------------------------------------------- publish
+def check_export_dir(export_dir: Path) -> None:
+    missing = [f for f in REQUIRED_EXPORT_FILES if not (Path(export_dir) / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"export directory {export_dir} lacks {', '.join(missing)} "
+                                f"(expected {' + '.join(REQUIRED_EXPORT_FILES)} [+ {TRAIN_CONFIG_FILE}])")
+
+
+def _is_better(new: float, old: float | None, mode: str) -> bool:
+    if math.isnan(new):
+        return False
+    if old is None or math.isnan(old):
+        return True
+    return new > old if mode == "max" else new < old
+
+
+def _version_metric(client: MlflowClient, name: str, alias: str, metric: str) -> float | None:
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    try:
+        return float(version.tags[f"metric.{metric}"])
+    except (KeyError, ValueError):
+        return None
+
+
+def register_export(
+    client: MlflowClient,
+    run_id: str,
+    export_dir: Path,
+    name: str,
+    *,
+    step: int | None = None,
+    metrics: Mapping[str, float] | None = None,
+    best_metric: str | None = None,
+    mode: str = "max",
+    aliases: Iterable[str] = (),
+    tags: Mapping[str, str] | None = None,
+) -> RegisteredVersion:
+    """Log `export_dir` to the run, create a version of `name`, point `aliases` (and maybe `best`) at it.
+
+    `latest` needs no alias: MLflow reserves the name and `models:/NAME@latest` resolves to the
+    newest version, which this one now is. `best` moves only when `metrics[best_metric]` beats the value tagged on the current `best` version
+    (higher for mode="max", lower for "min"), so re-registering a worse checkpoint never demotes it.
+    """
+    export_dir = Path(export_dir)
+    check_export_dir(export_dir)
+    if mode not in ("max", "min"):
+        raise ValueError(f"register mode must be 'max' or 'min', got {mode!r}")
+    metrics = {k: float(v) for k, v in (metrics or {}).items()}
+    if best_metric is not None and best_metric not in metrics:
+        raise ValueError(f"best_metric {best_metric!r} not among the metrics given ({sorted(metrics)})")
+    leaf = f"step_{step:08d}" if step is not None else export_dir.name
+    artifact_path = f"{EXPORT_ARTIFACT_DIR}/{leaf}"
+    client.log_artifacts(run_id, str(export_dir), artifact_path)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
+            client.create_registered_model(name, description="ViT checkpoints exported by vitscale")
+        except MlflowException as race:  # another job created it between our two calls
+            if race.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    version_tags = {"source_run_id": run_id, **{f"metric.{k}": repr(v) for k, v in metrics.items()}}
+    if step is not None:
+        version_tags["step"] = str(step)
+    version_tags |= {k: str(v) for k, v in (tags or {}).items()}
+    mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags)
+    applied = [LATEST]
+    for alias in (a for a in aliases if a.lower() != LATEST):
+        client.set_registered_model_alias(name, alias, mv.version)
+        applied.append(alias)
+    if best_metric is not None and _is_better(metrics[best_metric],
+                                              _version_metric(client, name, BEST_ALIAS, best_metric), mode):
+        client.set_registered_model_alias(name, BEST_ALIAS, mv.version)
+        applied.append(BEST_ALIAS)
+    return RegisteredVersion(name, str(mv.version), run_id, source, tuple(applied))
+
+
+# ---------------------------------------------------------------------------------------------- resolve
+def _cache_root() -> Path:
+    return Path(os.environ.get("VITSCALE_CACHE", Path.home() / ".cache" / "vitscale"))
+
+
+def _safe(part: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", part)
+
+
+def _download_once(fetch, final: Path) -> Path:
+    """Download via `fetch(tmp_dir) -> path inside tmp` into `final` atomically; reuse it if present.
+
+    Concurrent ranks/jobs each download into their own temp sibling and `os.replace` it into place,
+    so a half-written directory is never visible and a second caller reuses the first one's copy.
+    """
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        got = Path(fetch(tmp))
+        try:
+            os.replace(got, final)
+        except OSError:  # another process finished first: keep theirs
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _newest_export_local(root: Path) -> Path | None:
+    exports = sorted(p.parent for p in (root / EXPORT_ARTIFACT_DIR).glob(f"*/{WEIGHTS_FILE}"))
+    return exports[-1] if exports else None
+
+
+def _get_run(client: MlflowClient, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise LookupError(f"unknown MLflow run {run_id!r} at tracking URI {client.tracking_uri}") from None
+        raise
+
+
+def resolve_weights(
+    uri: str | Path,
+    *,
+    dst: Path | None = None,
+    tracking_uri: str | None = None,
+    registry_uri: str | None = None,
+) -> ResolvedWeights:
+    """Local directory with model.safetensors + model_config.json for any accepted weights URI.
+
+    Accepts models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/artifact/path] (no path: the
+    run's newest export), a local export directory or its model.safetensors, or a training
+    output_dir (its newest export/<tag>). Downloads are cached under $VITSCALE_CACHE (default
+    ~/.cache/vitscale) or `dst`.
+    """
+    parsed = parse_uri(uri)
+    text = str(uri)
+    if isinstance(parsed, LocalURI):
+        path = parsed.path.parent if parsed.path.is_file() else parsed.path
+        if path.is_dir() and not (path / WEIGHTS_FILE).exists():
+            path = _newest_export_local(path) or path
+        if not path.exists():
+            raise FileNotFoundError(f"weights path {parsed.path} does not exist (expected {URI_FORMS})")
+        check_export_dir(path)
+        return ResolvedWeights(path, text)
+
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+    if isinstance(parsed, ModelURI):
+        try:
+            if parsed.alias:
+                mv = client.get_model_version_by_alias(parsed.name, parsed.alias)
+            else:
+                version = _newest_version(client, parsed.name) if parsed.latest else parsed.version
+                mv = client.get_model_version(parsed.name, version)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            what = f"alias {parsed.alias!r}" if parsed.alias else f"version {parsed.version}"
+            raise LookupError(f"registered model {parsed.name!r} has no {what} "
+                              f"(registry at {registry_uri or tracking_uri}): {_one_line(exc)}") from None
+        sub = f"/{parsed.subpath}" if parsed.subpath else ""
+        # run ids are globally unique, so two stores with a "v1" of the same name never share a cache entry
+        leaf = f"v{mv.version}-{(mv.run_id or 'norun')[:12]}{_safe(sub)}"
+        final = Path(dst) if dst else _cache_root() / "models" / _safe(parsed.name) / leaf
+        path = _download_once(lambda tmp: download_artifacts(
+            artifact_uri=f"models:/{parsed.name}/{mv.version}{sub}", dst_path=str(tmp),
+            tracking_uri=client.tracking_uri, registry_uri=registry_uri or tracking_uri), final)
+        check_export_dir(path)
+        return ResolvedWeights(path, text, parsed.name, str(mv.version), mv.run_id)
+
+    assert isinstance(parsed, RunURI)
+    _get_run(client, parsed.run_id)
+    artifact_path = parsed.path or _newest_export_artifact(client, parsed.run_id)
+    final = Path(dst) if dst else _cache_root() / "runs" / parsed.run_id / _safe(artifact_path)
+    path = _download_once(lambda tmp: download_artifacts(
+        run_id=parsed.run_id, artifact_path=artifact_path, dst_path=str(tmp),
+        tracking_uri=client.tracking_uri), final)
+    check_export_dir(path)
+    return ResolvedWeights(path, text, run_id=parsed.run_id)
+
+
+def _newest_version(client: MlflowClient, name: str) -> str:
+    quoted = name.replace("'", "\\'")
+    versions = [int(v.version) for v in client.search_model_versions(f"name = '{quoted}'")]
+    if not versions:
+        raise MlflowException(f"registered model {name!r} has no versions", error_code="RESOURCE_DOES_NOT_EXIST")
+    return str(max(versions))
+
+
+def _newest_export_artifact(client: MlflowClient, run_id: str) -> str:
+    exports = sorted(f.path for f in client.list_artifacts(run_id, EXPORT_ARTIFACT_DIR) if f.is_dir)
+    if not exports:
+        raise LookupError(f"run {run_id} has no {EXPORT_ARTIFACT_DIR}/ artifacts: "
+                          f"name one with runs:/{run_id}/<path> or register an export first")
+    return exports[-1]
+
+
+def _local_checkpoint_root(path: Path) -> Path | None:
+    for root in (path, path / CHECKPOINT_ARTIFACT_DIR):
+        if (root / "latest").is_file():
+            return root
+    return None
+
+
+def resolve_resume(
+    uri: str | Path, *, dst: Path | None = None, tracking_uri: str | None = None
+) -> ResolvedCheckpoint:
+    """Local DeepSpeed checkpoint root (with `latest`) to resume from, for runs:/RUN_ID or a local path.
+
+    For a run, its recorded output_dir is used when it is reachable from this machine (shared disk);
+    otherwise the run's `checkpoints/` artifacts (Tracker.log_checkpoint) are downloaded.
+    """
+    parsed = parse_uri(uri)
+    if isinstance(parsed, LocalURI):
+        root = _local_checkpoint_root(parsed.path)
+        if root is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint at {parsed.path}: expected a folder holding "
+                                    f"'latest' (or {CHECKPOINT_ARTIFACT_DIR}/latest)")
+        return ResolvedCheckpoint(root, (root / "latest").read_text().strip())
+    if not isinstance(parsed, RunURI):
+        raise ValueError(f"resume URI {uri!r} must be runs:/RUN_ID or a local checkpoint folder")
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    run = _get_run(client, parsed.run_id)
+    output_dir = run.data.tags.get(OUTPUT_DIR_TAG)
+    if output_dir and not parsed.path:
+        root = _local_checkpoint_root(Path(output_dir))
+        if root is not None:
+            return ResolvedCheckpoint(root, (root / "latest").read_text().strip(), parsed.run_id)
+    prefix = parsed.path or CHECKPOINT_ARTIFACT_DIR
+    names = {Path(f.path).name for f in client.list_artifacts(parsed.run_id, prefix)}
+    if "latest" not in names:
+        raise LookupError(f"run {parsed.run_id} has no DeepSpeed checkpoint: output_dir {output_dir!r} "
+                          f"has none here and there is no {prefix}/latest artifact")
+    final = Path(dst) if dst else _cache_root() / "runs" / parsed.run_id / "resume"
+    latest_dir = Path(download_artifacts(run_id=parsed.run_id, artifact_path=f"{prefix}/latest",
+                                         dst_path=str(final.parent / ".latest"), tracking_uri=client.tracking_uri))
+    tag = latest_dir.read_text().strip()
+    target = final / tag
+    _download_once(lambda tmp: download_artifacts(run_id=parsed.run_id, artifact_path=f"{prefix}/{tag}",
+                                                  dst_path=str(tmp), tracking_uri=client.tracking_uri), target)
+    (final / "latest").write_text(tag)
+    return ResolvedCheckpoint(final, tag, parsed.run_id)
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
