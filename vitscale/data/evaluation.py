@@ -1,0 +1,110 @@
+"""The finite evaluation pass: every sample exactly once across ranks and workers.
+
+Shards, not samples, are split: reader r = rank * workers + worker takes shards r, r + R, ...
+(R = world_size x workers). With fewer shards than readers some reader would get nothing,
+and the rank that runs out first would leave its peers waiting in a collective (the DDP hang
+webdataset warns about), so that case is refused up front with the counts in the message.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vitscale.data.config import expand_shards, parse_data_config
+from vitscale.data.decode import decode_image, find_image
+from vitscale.data.shards import ShardReadError, iter_raw_samples
+from vitscale.data.stream import BadShardsError
+from vitscale.data.transforms import EvalTransform, Normalizer
+
+log = logging.getLogger(__name__)
+
+
+class _EvalShardReader(IterableDataset):
+    def __init__(self, urls: list[str], *, batch_size: int, rank: int, world_size: int,
+                 img_size: int, in_chans: int, crop_pct: float) -> None:
+        self.urls, self.batch_size, self.rank, self.world_size = urls, batch_size, rank, world_size
+        self.in_chans = in_chans
+        self.transform = EvalTransform(img_size, crop_pct)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader, readers = self.rank * workers + worker, self.world_size * workers
+        images: list[torch.Tensor] = []
+        labels: list[int] = []
+        keys: list[str] = []
+        for url in self.urls[reader::readers]:
+            try:
+                for sample in iter_raw_samples(url):
+                    try:
+                        ext, data = find_image(sample)
+                        image = self.transform(decode_image(data, ext, self.in_chans))
+                    except Exception as e:
+                        log.warning("eval: skipping sample %s in %s: %s", sample.get("__key__"), url, e)
+                        continue
+                    images.append(image)
+                    labels.append(int(sample["cls"]))
+                    keys.append(sample["__key__"])
+                    if len(images) == self.batch_size:
+                        yield self._batch(images, labels, keys)
+                        images, labels, keys = [], [], []
+            except ShardReadError as e:
+                yield {"_bad_shard": url, "_error": str(e)}
+        if images:
+            yield self._batch(images, labels, keys)
+
+    @staticmethod
+    def _batch(images: list[torch.Tensor], labels: list[int], keys: list[str]) -> dict:
+        return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long), "key": keys}
+
+
+class EvalLoader:
+    """Iterable of `{"image", "label", "key"}` batches; the last batch of a reader may be short.
+    A shard that fails to read is logged and counted; past `max_bad_shards` it raises."""
+
+    def __init__(self, reader: _EvalShardReader, normalize: Normalizer, num_workers: int, max_bad_shards: int) -> None:
+        self.reader, self.normalize = reader, normalize
+        self.num_workers, self.max_bad_shards = num_workers, max_bad_shards
+        self.bad_shards: list[str] = []
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.bad_shards = []
+        loader = DataLoader(self.reader, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=torch.cuda.is_available())
+        for item in loader:
+            if "_bad_shard" in item:
+                self.bad_shards.append(item["_bad_shard"])
+                log.error("eval: bad shard %d/%d allowed: %s", len(self.bad_shards), self.max_bad_shards, item["_error"])
+                if len(self.bad_shards) > self.max_bad_shards:
+                    raise BadShardsError(f"{len(self.bad_shards)} eval shards failed to read, more than "
+                                         f"max_bad_shards={self.max_bad_shards}; last: {item['_error']}")
+                continue
+            yield {"image": self.normalize(item["image"]), "label": item["label"], "key": item["key"]}
+
+
+def build_eval_loader(urls: Any, *, batch_size: int, rank: int, world_size: int, img_size: int, in_chans: int,
+                      num_workers: int, cfg_data: Mapping | Any | None = None,
+                      mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                      crop_pct: float | None = None, max_bad_shards: int | None = None) -> EvalLoader:
+    """`urls`: brace pattern or list. mean / std / crop_pct / max_bad_shards come from the
+    explicit arguments, else from `cfg_data` (the `data` config group), else (0.5, 0.875, 0)."""
+    cfg = parse_data_config(cfg_data) if cfg_data is not None else None
+    shards = expand_shards(urls, "val_shards")
+    if not shards:
+        raise ValueError("eval loader: no shards given (data.val_shards is empty or unset)")
+    readers = world_size * max(1, num_workers)
+    if len(shards) < readers:
+        raise ValueError(f"eval loader: {len(shards)} shards for {world_size} ranks x {max(1, num_workers)} workers "
+                         f"= {readers} readers; every reader needs a shard or ranks finish unevenly and DDP "
+                         "hangs: reshard with a smaller --samples-per-shard or use fewer eval workers")
+    mean = mean or (cfg.mean if cfg else (0.5,) * in_chans)
+    std = std or (cfg.std if cfg else (0.5,) * in_chans)
+    crop_pct = crop_pct if crop_pct is not None else (cfg.eval_crop_pct if cfg else 0.875)
+    max_bad = max_bad_shards if max_bad_shards is not None else (cfg.max_bad_shards if cfg else 0)
+    reader = _EvalShardReader(shards, batch_size=batch_size, rank=rank, world_size=world_size,
+                              img_size=img_size, in_chans=in_chans, crop_pct=crop_pct)
+    return EvalLoader(reader, Normalizer(tuple(mean), tuple(std), in_chans), num_workers, max_bad)

@@ -1,0 +1,208 @@
+"""The infinite, resampled training stream with exact, O(one shard) resume.
+
+Each (rank, logical worker) owns an infinite sequence of shard *draws*. Draw i picks its shard
+with replacement from a generator seeded by (seed, rank, worker, i), and shuffles the shard's
+samples inside windows of `shuffle_buffer` samples with a generator seeded by (seed, rank, worker,
+i, window). A sample's augmentation is seeded by (seed, rank, worker, i, offset). So the position
+(i, offset) alone determines everything that follows: resuming re-opens one shard per worker and
+skips `offset` raw tar members without decoding them, whatever the number of steps done.
+
+torch's DataLoader takes batches from its workers round-robin, starting at worker 0. Every batch
+carries its logical worker id and that worker's position after the batch; the main process keeps
+both, so it knows each worker's position and which worker is next. A resumed loader maps physical
+worker 0 to that next logical worker, and the round-robin continues exactly.
+
+Batches are assembled in the workers (a batch may span two draws), travel as uint8 and are
+normalised and mixed (timm Mixup, seeded by the batch index) in the main process.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vitscale.data.config import DataConfig, parse_data_config
+from vitscale.data.decode import decode_image, find_image
+from vitscale.data.shards import ShardReadError, iter_raw_samples
+from vitscale.data.transforms import BatchMixer, Normalizer, TrainTransform, derive_seed
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "vitscale.data.TrainLoader/1"
+_DRAW, _WINDOW, _AUGMENT, _MIX = 0, 1, 2, 3  # stream tags inside derive_seed
+
+
+class BadShardsError(RuntimeError):
+    """More shards failed to read than `data.max_bad_shards` allows."""
+
+
+class _TrainShardStream(IterableDataset):
+    """Runs in each DataLoader worker; yields batch dicts and bad-shard events, each stamped
+    with its logical worker id and that worker's position after the item."""
+
+    def __init__(self, urls: list[str], cfg: DataConfig, *, batch_size: int, rank: int, seed: int,
+                 img_size: int, in_chans: int, positions: dict[int, tuple[int, int]], rotation: int) -> None:
+        self.urls, self.cfg, self.batch_size = urls, cfg, batch_size
+        self.rank, self.seed, self.in_chans = rank, seed, in_chans
+        self.positions, self.rotation = positions, rotation
+        self.transform = TrainTransform(img_size, cfg.augment, cfg.mean)
+        self.window = max(1, cfg.shuffle_buffer)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (physical + self.rotation) % count
+        draw, offset = self.positions[worker]
+        images: list[torch.Tensor] = []
+        labels: list[int] = []
+        keys: list[str] = []
+        while True:
+            url = self.urls[self.shard_index(worker, draw)]
+            try:
+                for pos, sample in self._draw_samples(url, worker, draw, offset):
+                    image = self._decode(sample, worker, draw, pos)
+                    if image is None:
+                        continue
+                    images.append(image)
+                    labels.append(int(sample["cls"]))
+                    keys.append(sample["__key__"])
+                    if len(images) == self.batch_size:
+                        yield {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long),
+                               "key": keys, "_worker": worker, "_pos": [draw, pos + 1]}
+                        images, labels, keys = [], [], []
+            except ShardReadError as e:
+                # Pending samples are dropped with the shard so that the position after this event,
+                # (draw + 1, 0), is exact: a resumed run takes the very same path.
+                yield {"_bad_shard": e.url, "_error": str(e), "_dropped": len(images),
+                       "_worker": worker, "_pos": [draw + 1, 0]}
+                images, labels, keys = [], [], []
+            draw, offset = draw + 1, 0
+
+    def shard_index(self, worker: int, draw: int) -> int:
+        rng = np.random.Generator(np.random.PCG64(derive_seed(self.seed, self.rank, worker, draw, _DRAW)))
+        return int(rng.integers(len(self.urls)))
+
+    def _draw_samples(self, url: str, worker: int, draw: int, offset: int) -> Iterator[tuple[int, dict]]:
+        """(offset within the draw, raw sample) from `offset` on; whole windows before it are
+        skipped as raw bytes, never decoded."""
+        samples = iter_raw_samples(url)
+        first = offset // self.window
+        for _ in islice(samples, first * self.window):
+            pass
+        k = first
+        while window := list(islice(samples, self.window)):
+            order = np.random.Generator(
+                np.random.PCG64(derive_seed(self.seed, self.rank, worker, draw, _WINDOW, k))
+            ).permutation(len(window)) if self.window > 1 else range(len(window))
+            base = k * self.window
+            for t in range(max(0, offset - base), len(window)):
+                yield base + t, window[order[t]]
+            k += 1
+
+    def _decode(self, sample: dict, worker: int, draw: int, pos: int) -> torch.Tensor | None:
+        try:
+            ext, data = find_image(sample)
+            img = decode_image(data, ext, self.in_chans)
+        except Exception as e:  # deterministic, so skipping keeps resume exact; never silent
+            log.warning("skipping sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), e)
+            return None
+        return self.transform(img, derive_seed(self.seed, self.rank, worker, draw, pos, _AUGMENT))
+
+
+class TrainLoader:
+    """Iterable of `{"image", "label", "key"}` batches, forever; see the module docstring.
+
+    Iterating again (or after `load_state_dict`) continues from the current position.
+    """
+
+    def __init__(self, cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
+                 img_size: int, in_chans: int) -> None:
+        if not cfg.train_shards:
+            raise ValueError("data.train_shards: no shards given (expected a brace pattern or a list of tar URLs)")
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"train loader: bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
+        self.cfg, self.batch_size, self.rank, self.world_size, self.seed = cfg, batch_size, rank, world_size, seed
+        self.img_size, self.in_chans = img_size, in_chans
+        self.normalize = Normalizer(cfg.mean, cfg.std, in_chans)
+        self.mixer = BatchMixer(cfg.augment, cfg.num_classes, batch_size)
+        self.num_streams = max(1, cfg.num_workers)
+        self.positions: dict[int, tuple[int, int]] = {w: (0, 0) for w in range(self.num_streams)}
+        self.next_worker = 0
+        self.batches = 0
+        self.bad_shards = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dataset = _TrainShardStream(
+            self.cfg.train_shards, self.cfg, batch_size=self.batch_size, rank=self.rank, seed=self.seed,
+            img_size=self.img_size, in_chans=self.in_chans, positions=dict(self.positions),
+            rotation=self.next_worker)
+        workers = self.cfg.num_workers
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                            prefetch_factor=2 if workers else None, persistent_workers=False)
+        for item in loader:
+            worker = item.pop("_worker")
+            self.positions[worker] = tuple(item.pop("_pos"))
+            self.next_worker = (worker + 1) % self.num_streams
+            if "_bad_shard" in item:
+                self._count_bad_shard(item)
+                continue
+            images, labels = self.mixer(self.normalize(item["image"]), item["label"],
+                                        derive_seed(self.seed, self.rank, self.batches, _MIX))
+            self.batches += 1
+            yield {"image": images, "label": labels, "key": item["key"]}
+
+    def _count_bad_shard(self, event: dict) -> None:
+        self.bad_shards += 1
+        log.error("rank %d: bad shard %d/%d allowed: %s (%d pending samples dropped)", self.rank,
+                  self.bad_shards, self.cfg.max_bad_shards, event["_error"], event["_dropped"])
+        if self.bad_shards > self.cfg.max_bad_shards:
+            raise BadShardsError(f"{self.bad_shards} training shards failed to read, more than "
+                                 f"data.max_bad_shards={self.cfg.max_bad_shards}; last: {event['_error']}")
+
+    # ---- checkpointing -------------------------------------------------------------------------
+    def _fingerprint(self) -> dict:
+        return {"seed": self.seed, "world_size": self.world_size, "num_workers": self.cfg.num_workers,
+                "batch_size": self.batch_size, "num_shards": len(self.cfg.train_shards),
+                "shuffle_buffer": self.cfg.shuffle_buffer}
+
+    def _rank_state(self) -> dict:
+        return {"positions": [list(self.positions[w]) for w in range(self.num_streams)],
+                "next_worker": self.next_worker, "batches": self.batches, "bad_shards": self.bad_shards}
+
+    def state_dict(self) -> dict:
+        """Small and JSON-serialisable. Under torch.distributed with world_size > 1 this is a
+        collective (all ranks must call it together) and returns every rank's position, because
+        DeepSpeed stores client state from rank 0 only; `load_state_dict` picks this rank's."""
+        ranks = {str(self.rank): self._rank_state()}
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, (self.rank, ranks[str(self.rank)]))
+            ranks = {str(r): s for r, s in gathered}
+        return {"format": STATE_FORMAT, **self._fingerprint(), "ranks": ranks}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"train loader state: expected format {STATE_FORMAT!r}, got {state.get('format')!r}")
+        for key, value in self._fingerprint().items():
+            if state.get(key) != value:
+                raise ValueError(f"train loader state: {key}={state.get(key)!r} in the checkpoint but {value!r} "
+                                 f"now; exact resume needs the same {key}")
+        mine = state["ranks"].get(str(self.rank))
+        if mine is None:
+            raise ValueError(f"train loader state holds ranks {sorted(state['ranks'])} but this is rank {self.rank} "
+                             "(call state_dict() on every rank so it can gather them)")
+        self.positions = {w: (int(d), int(o)) for w, (d, o) in enumerate(mine["positions"])}
+        self.next_worker, self.batches = int(mine["next_worker"]), int(mine["batches"])
+        self.bad_shards = int(mine["bad_shards"])
+
+
+def build_train_loader(cfg_data: Any, *, batch_size: int, rank: int, world_size: int, seed: int,
+                       img_size: int, in_chans: int) -> TrainLoader:
+    """The contract in docs/ARCHITECTURE.md: `cfg_data` is the `data` config group (DictConfig or dict)."""
+    return TrainLoader(parse_data_config(cfg_data), batch_size=batch_size, rank=rank, world_size=world_size,
+                       seed=seed, img_size=img_size, in_chans=in_chans)
