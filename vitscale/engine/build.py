@@ -1,0 +1,77 @@
+"""What the loop trains: the model (fresh or fine-tuned from an export) and the loss.
+
+Kept apart from the loop so the Ray sweep, the benchmark and the tests build exactly the model the
+trainer builds.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+log = logging.getLogger(__name__)
+LOSSES = ("softmax_xent", "sigmoid_xent")
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.model`` as create_model keyword arguments, with num_classes from the data (or fine-tune)."""
+    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(kwargs, dict)
+    if "stem_layers" in kwargs and kwargs["stem_layers"] is not None:
+        kwargs["stem_layers"] = tuple(kwargs["stem_layers"])
+    kwargs["num_classes"] = int(cfg.finetune.num_classes if cfg.finetune.source else cfg.data.num_classes)
+    return kwargs
+
+
+def build_model(cfg: DictConfig) -> nn.Module:
+    """``create_model`` from ``cfg.model``; with ``finetune.source`` the source weights are loaded
+    (position embeddings resampled to the new grid by the model) and the head is replaced."""
+    from vitscale.models import create_model
+
+    kwargs = model_kwargs(cfg)
+    source = cfg.finetune.source
+    if not source:
+        return create_model(**kwargs)
+    from vitscale.engine.checkpoint import load_export
+    from vitscale.tracking import resolve_weights
+
+    resolved = resolve_weights(str(source))
+    state_dict, source_config = load_export(resolved.path)
+    # The source's head (classes, pre-logits layer) must be rebuilt to load its weights; the new
+    # head replaces it right after. Everything else must match the source architecture.
+    num_classes = kwargs["num_classes"]
+    kwargs.update(num_classes=source_config["num_classes"],
+                  representation_size=source_config.get("representation_size"))
+    model = create_model(**kwargs)
+    model.load_state_dict(state_dict)
+    model.reset_head(num_classes)
+    if not cfg.finetune.head_zero_init:
+        nn.init.trunc_normal_(model.head.weight, std=0.02)
+    log.info("fine-tuning from %s (%s): %d classes -> %d", source, resolved.path,
+             source_config["num_classes"], num_classes)
+    return model
+
+
+def build_loss(name: str, label_smoothing: float = 0.0) -> LossFn:
+    """softmax cross-entropy (hard or soft labels), or big_vision's sigmoid cross-entropy summed over
+    classes (the paper's choice for multi-label JFT / ImageNet-21k pre-training)."""
+    if name not in LOSSES:
+        raise ValueError(f"trainer.loss={name!r}: expected one of {', '.join(LOSSES)}")
+
+    def softmax_xent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        smoothing = label_smoothing if labels.dtype == torch.long else 0.0  # soft labels carry their own
+        return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+
+    def sigmoid_xent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = F.one_hot(labels, logits.shape[-1]).float() if labels.dtype == torch.long else labels.float()
+        if label_smoothing and labels.dtype == torch.long:
+            targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
+        per_class = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
+        return per_class.sum(dim=-1).mean()
+
+    return softmax_xent if name == "softmax_xent" else sigmoid_xent

@@ -1,0 +1,103 @@
+"""The DeepSpeed JSON, generated from the Hydra config so there is no second file to keep in sync.
+
+Batch arithmetic lives here too: the global batch is the user's number (it sets the optimisation),
+the micro-batch is a memory knob, and gradient accumulation is whatever makes them meet on the
+current world size. A mismatch is a configuration error, reported before DeepSpeed starts.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vitscale.engine.schedule import scheduler_config
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's global batch is split over devices and accumulation steps."""
+
+    global_batch: int
+    micro_batch: int
+    accumulation: int
+    world_size: int
+
+
+def batch_plan(global_batch: int, micro_batch: int, world_size: int) -> BatchPlan:
+    """Derive gradient accumulation; raise one clear error when the numbers do not divide."""
+    if global_batch < 1 or micro_batch < 1 or world_size < 1:
+        raise ValueError(
+            f"trainer.global_batch_size={global_batch}, trainer.micro_batch_size={micro_batch}, "
+            f"world size={world_size}: all must be positive")
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise ValueError(
+            f"trainer.global_batch_size={global_batch} is not divisible by trainer.micro_batch_size "
+            f"({micro_batch}) x world size ({world_size}) = {per_step}; pick a micro-batch that divides "
+            f"{global_batch // world_size if global_batch % world_size == 0 else 'global/world'}")
+    return BatchPlan(global_batch, micro_batch, global_batch // per_step, world_size)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``auto`` means bf16 on CUDA devices that support it and fp32 elsewhere (CPU stays exact)."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"trainer.precision={requested!r}: expected one of {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        if requested == "fp16" and device.type != "cuda":
+            raise ValueError("trainer.precision=fp16 needs CUDA (use bf16 or fp32 on CPU)")
+        return requested
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def offloads_optimizer(cfg: DictConfig) -> bool:
+    """Whether the ZeRO block moves optimizer states to CPU (then DeepSpeedCPUAdam is the natural pair)."""
+    offload = cfg.deepspeed.zero_optimization.get("offload_optimizer")
+    return bool(offload) and offload.get("device", "none") in ("cpu", "nvme")
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build(cfg: DictConfig, world_size: int, *, precision: str, device: torch.device) -> dict[str, Any]:
+    """The full DeepSpeed config for this run (``precision`` already resolved, see resolve_precision)."""
+    plan = batch_plan(int(cfg.trainer.global_batch_size), int(cfg.trainer.micro_batch_size), world_size)
+    zero = OmegaConf.to_container(cfg.deepspeed.zero_optimization, resolve=True)
+    assert isinstance(zero, dict)
+    stage = int(zero.get("stage", 0))
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_optimization.stage={stage}: expected 0, 1, 2 or 3")
+    ds: dict[str, Any] = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
+        "gradient_clipping": float(cfg.optim.grad_clip or 0.0),
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # Our optimizers are torch's (SGD is not on DeepSpeed's ZeRO-tested list).
+        "zero_allow_untested_optimizer": True,
+        # DeepSpeedCPUAdam is used with offload on CUDA; on a CPU-only host offload is a no-op and
+        # torch's optimizer is fine, so do not force DeepSpeed's CPU-optimizer pairing there.
+        "zero_force_ds_cpu_optimizer": device.type == "cuda",
+        "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed's own progress lines are noise
+        "wall_clock_breakdown": False,
+    }
+    sched = scheduler_config(cfg.optim.schedule, float(cfg.optim.lr), int(cfg.trainer.max_steps))
+    if sched is not None:
+        ds["scheduler"] = sched
+    extra = cfg.deepspeed.get("extra") or {}
+    return _deep_merge(ds, OmegaConf.to_container(extra, resolve=True) if isinstance(extra, DictConfig) else dict(extra))

@@ -1,0 +1,123 @@
+"""Process-group set-up and teardown for every way a run is started.
+
+``deepspeed`` and ``torchrun`` export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*; Ray Train creates the
+process group itself before our code runs; plain ``python vitscale/train.py`` gets a group of one so
+the same DeepSpeed code path runs everywhere.
+
+Teardown matters: a process that reaches interpreter exit while gloo's worker threads and the store's
+socket threads are still owned by a live process group can abort in a C++ destructor with
+``terminate called without an active exception`` after a run that succeeded. ``teardown`` therefore
+synchronises the ranks, destroys the groups we created and only then lets the interpreter exit.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+_LOCAL_RANK_ARG = re.compile(r"^--local[_-]rank(=(\d+))?$")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job and who owns the process group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "deepspeed" | "torchrun" | "external" (e.g. Ray Train) | "single"
+    device: torch.device
+    backend: str
+    owns_group: bool  # False when someone else (Ray Train) created it and will destroy it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """Remove the launcher's ``--local_rank=N`` / ``--local_rank N`` (Hydra rejects it).
+
+    The value is exported as LOCAL_RANK when the environment does not already carry it.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        match = _LOCAL_RANK_ARG.match(argv[i])
+        if match is None:
+            out.append(argv[i])
+            i += 1
+            continue
+        value = match.group(2)
+        if value is None and i + 1 < len(argv) and argv[i + 1].isdigit():
+            value = argv[i + 1]
+            i += 1
+        if value is not None:
+            os.environ.setdefault("LOCAL_RANK", value)
+        i += 1
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _detect_launcher() -> str:
+    if dist.is_available() and dist.is_initialized():
+        return "external"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "deepspeed"
+    return "single"
+
+
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
+    """Join (or create) the process group and pick this rank's device; NCCL on CUDA, gloo on CPU."""
+    import deepspeed
+
+    launcher = _detect_launcher()
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    if launcher == "single":
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if launcher != "external":
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    else:
+        backend = dist.get_backend()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1) if cuda else 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank, world, local_rank, launcher, device, backend, owns_group=launcher != "external")
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """Logical AND of ``flag`` over ranks (every rank gets the same answer)."""
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() == 0.0)
+
+
+def teardown(info: DistInfo | None) -> None:
+    """Synchronise, then destroy the process group we created, so no comm thread outlives main."""
+    if info is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    except Exception as err:  # a peer already died: still release our own resources
+        log.warning("teardown barrier failed (%s); destroying the process group anyway", err)
+    if info.owns_group:
+        dist.destroy_process_group()

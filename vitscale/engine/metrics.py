@@ -1,0 +1,105 @@
+"""Throughput, MFU and memory for the training log, and the metrics.jsonl writer.
+
+MFU follows the PaLM convention: achieved model FLOP/s (analytic forward FLOPs x 3 for forward +
+backward, activation recomputation not counted) over the device's peak. The peak comes from a table
+of known GPUs (dense bf16/fp16 tensor-core numbers) or, on CPU, from a one-off matmul probe, so the
+number is meaningful on every machine the tests run on.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense (no sparsity) peak FLOP/s per device by precision, from the vendors' data sheets.
+GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},  # SXM; PCIe is lower, override if needed
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "A10G": {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12},
+    "V100": {"bf16": 0.0, "fp16": 125e12, "fp32": 15.7e12},
+}
+
+
+def matmul_probe_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+    """Measured FLOP/s of a square matmul on the current CPU threads (best of ``repeats``)."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up: first call pays for allocation and thread start
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def peak_flops(device: torch.device, precision: str) -> float:
+    """Per-device peak for MFU: the GPU table, or a CPU matmul probe (0.0 when unknown)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return peaks.get(precision, 0.0)
+        return 0.0
+    return matmul_probe_flops(torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated device memory (CUDA) or the process's peak resident set size (CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class StepTimer:
+    """Accumulates data-wait and compute seconds between two log lines."""
+
+    def __init__(self) -> None:
+        self.data_s = 0.0
+        self.compute_s = 0.0
+        self.images = 0
+        self.steps = 0
+
+    def add(self, data_s: float, compute_s: float, images: int) -> None:
+        self.data_s += data_s
+        self.compute_s += compute_s
+        self.images += images
+        self.steps += 1
+
+    def summary(self, *, world_size: int, tokens_per_image: int, flops_per_image: float,
+                peak: float) -> dict[str, float]:
+        """Global throughput (every rank processes ``images`` per step) and MFU for the window."""
+        wall = max(self.data_s + self.compute_s, 1e-9)
+        images_per_s = self.images * world_size / wall
+        achieved = 3.0 * flops_per_image * self.images / wall  # per device
+        out = {
+            "images_per_s": images_per_s,
+            "tokens_per_s": images_per_s * tokens_per_image,
+            "data_wait_s": self.data_s / max(self.steps, 1),
+            "compute_s": self.compute_s / max(self.steps, 1),
+            "mfu": achieved / peak if peak > 0 else 0.0,
+        }
+        self.__init__()
+        return out
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``output_dir/metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")

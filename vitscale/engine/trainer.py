@@ -1,0 +1,233 @@
+"""The training loop, one for pre-training and fine-tuning (big_vision's shape, DeepSpeed's engine).
+
+    data -> init (model, optional fine-tune source, DeepSpeed) -> resume -> loop -> eval -> export
+
+Callbacks let the Ray sweep (launch/sweep.py) report metrics and checkpoints without touching the
+loop: any object with some of ``on_log(metrics, step)``, ``on_eval(metrics, step)``,
+``on_checkpoint(step, ckpt_dir, metrics)``; they run on every rank.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from vitscale.engine import checkpoint as ckpt
+from vitscale.engine.activation import apply_policy
+from vitscale.engine.build import build_loss, build_model
+from vitscale.engine.deepspeed_config import build as build_ds_config
+from vitscale.engine.deepspeed_config import offloads_optimizer, resolve_precision
+from vitscale.engine.distributed import DistInfo, init_distributed, teardown
+from vitscale.engine.metrics import MetricsWriter, StepTimer, peak_flops, peak_memory_bytes
+from vitscale.engine.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+_TRAINER_ONLY_TRACKING_KEYS = ("register_name", "register_every")
+
+
+class TrainingDiverged(RuntimeError):
+    """``trainer.nan_patience`` non-finite steps in a row; a checkpoint was saved before raising."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_data_config(cfg: DictConfig) -> None:
+    """Fail before any worker starts when the shard list is unset (JFT paths come from the env)."""
+    shards = cfg.data.get("train_shards") if not OmegaConf.is_missing(cfg.data, "train_shards") else None
+    if not shards or shards == "???":
+        raise ValueError(
+            "data.train_shards is not set: pass data.train_shards='/path/train-{000000..000099}.tar' "
+            "(or set the environment variable named in configs/data/<dataset>.yaml, e.g. JFT_TRAIN_SHARDS)")
+
+
+class Trainer:
+    """``Trainer(cfg, callbacks=[...]).fit() -> dict`` of final metrics."""
+
+    def __init__(self, cfg: DictConfig, callbacks: Iterable[Any] = ()) -> None:
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.output_dir = Path(cfg.output_dir)
+        self.dist: DistInfo | None = None
+        self.tracker: Any = None
+        self.loader: Any = None
+        self.step = 0
+        self.nan_skips = 0
+
+    # ------------------------------------------------------------------ public
+    def fit(self) -> dict[str, Any]:
+        check_data_config(self.cfg)
+        self.dist = init_distributed()
+        clean = False
+        try:
+            result = self._fit()
+            clean = True
+            return result
+        except TrainingDiverged:
+            clean = True  # every rank agreed to stop: still tear down in step
+            raise
+        finally:
+            self._close(clean)
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        import deepspeed
+
+        cfg, info = self.cfg, self.dist
+        assert info is not None
+        seed_everything(int(cfg.seed))  # the same model init on every rank (ZeRO-3 == ZeRO-0)
+        model = build_model(cfg)
+        self.model_config = dict(model.config)
+        tc = cfg.trainer
+        self.precision = resolve_precision(str(tc.precision), info.device)
+        self.ds_config = build_ds_config(cfg, info.world_size, precision=self.precision, device=info.device)
+        self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+        self.accumulation = int(self.ds_config["gradient_accumulation_steps"])
+        ac = tc.activation_checkpointing
+        apply_policy(model, str(ac.policy), int(ac.every), self.ds_config)
+        from vitscale.models import flops_per_image
+
+        self.flops_per_image = 2.0 * flops_per_image(model)  # MACs -> FLOPs
+        self.tokens_per_image = int(math.prod(model.grid_size)) + int(model.num_prefix_tokens)
+        optimizer = build_optimizer(model, cfg.optim, device=info.device, offload=offloads_optimizer(cfg))
+        model.to(info.device)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
+                                                    dist_init_required=False)
+        self.loss_fn = build_loss(str(tc.loss), float(cfg.data.augment.get("label_smoothing", 0.0) or 0.0))
+        self.peak = float(tc.peak_flops) if tc.get("peak_flops") else peak_flops(info.device, self.precision)
+        self.metrics_file = MetricsWriter(self.output_dir / "metrics.jsonl", enabled=info.is_main)
+        self.tracker = self._make_tracker()
+        # Different dropout / drop-path masks per rank from here on, reproducible per (seed, rank).
+        seed_everything(int(cfg.seed) * 1000 + info.rank)
+
+    def _make_tracker(self) -> Any:
+        assert self.dist is not None
+        if not self.cfg.tracking.enabled:
+            from vitscale.tracking import NullTracker
+
+            return NullTracker()
+        from vitscale.tracking import make_tracker
+
+        container = OmegaConf.to_container(self.cfg, resolve=True)
+        assert isinstance(container, dict)
+        for key in _TRAINER_ONLY_TRACKING_KEYS:  # read by the trainer, not by the Tracker
+            container["tracking"].pop(key, None)
+        tracker = make_tracker(container, self.dist.rank)
+        tracker.start(container, self.ds_config, tags={"launcher": self.dist.launcher})
+        return tracker
+
+    def _build_loader(self, data_state: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+        from vitscale.data import build_train_loader
+
+        cfg, info = self.cfg, self.dist
+        assert info is not None
+        self.loader = build_train_loader(
+            cfg.data, batch_size=int(cfg.trainer.micro_batch_size), rank=info.rank,
+            world_size=info.world_size, seed=int(cfg.seed), img_size=cfg.model.img_size,
+            in_chans=int(cfg.model.in_chans))
+        if data_state is not None:
+            self.loader.load_state_dict(data_state)
+        return iter(self.loader)
+
+    def _resume(self) -> dict[str, Any] | None:
+        """Load the checkpoint ``resume`` names; returns the data-stream state (None: fresh start)."""
+        assert self.dist is not None
+        ref = ckpt.resolve(self.cfg.resume, self.output_dir)
+        if ref is None:
+            return None
+        client, rank_state = ckpt.load(self.engine, ref, rank=self.dist.rank)
+        self.step = int(client["step"])
+        self.nan_skips = int(client.get("nan_skips", 0))
+        ckpt.set_rng_state(rank_state["rng"])
+        log.info("resumed from %s at step %d", ref.path, self.step)
+        return rank_state.get("data")
+
+    # ------------------------------------------------------------------ loop
+    def _fit(self) -> dict[str, Any]:
+        self._setup()
+        batches = self._build_loader(self._resume())
+        from vitscale.engine.loop import run_loop
+
+        return run_loop(self, batches)
+
+    def save_checkpoint(self, metrics: dict[str, Any] | None = None) -> ckpt.CheckpointRef:
+        assert self.dist is not None
+        ref = ckpt.save(
+            self.engine, self.output_dir / "checkpoints", self.step, rank=self.dist.rank,
+            client_state={"step": self.step, "nan_skips": self.nan_skips},
+            rank_state={"rng": ckpt.rng_state(), "data": self.loader.state_dict()},
+            keep=int(self.cfg.trainer.keep_checkpoints))
+        self.emit("on_checkpoint", self.step, str(ref.path), dict(metrics or {}))
+        return ref
+
+    def export(self, ref: ckpt.CheckpointRef) -> Path | None:
+        """Rank 0 consolidates ``ref`` to output_dir/export/<tag>; the others wait."""
+        assert self.dist is not None
+        out = self.output_dir / "export" / ref.tag
+        if self.dist.is_main:
+            state = ckpt.consolidated_state_dict(ref, zero_stage=self.zero_stage, module=self.engine.module)
+            ckpt.export(state, out, model_config=self.model_config,
+                        train_config_yaml=OmegaConf.to_yaml(self.cfg, resolve=True))
+        dist.barrier()
+        return out
+
+    def finish_export(self, out: Path, metrics: dict[str, Any]) -> None:
+        """Rank 0: attach the export to the run and register it when tracking.register_name is set."""
+        assert self.dist is not None
+        if not self.dist.is_main:
+            return
+        name = self.cfg.tracking.get("register_name")
+        if name:  # register_export logs the directory to the run itself
+            numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.tracker.register(out, str(name), step=self.step, metrics=numeric)
+        else:
+            self.tracker.log_artifact(out, f"export/{out.name}")
+
+    def emit(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            fn = getattr(callback, hook, None)
+            if fn is not None:
+                fn(*args)
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        """One logged step: metrics.jsonl, the tracker (rank 0) and the callbacks (every rank)."""
+        assert self.dist is not None
+        if self.dist.is_main:
+            self.metrics_file.write(record)
+            self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, record["step"])
+        self.emit("on_log", record, record["step"])
+
+    def memory_bytes(self) -> int:
+        assert self.dist is not None
+        return peak_memory_bytes(self.dist.device)
+
+    def throughput(self, timer: StepTimer) -> dict[str, float]:
+        assert self.dist is not None
+        return timer.summary(world_size=self.dist.world_size, tokens_per_image=self.tokens_per_image,
+                             flops_per_image=self.flops_per_image, peak=self.peak)
+
+    # ------------------------------------------------------------------ teardown
+    def _close(self, clean: bool) -> None:
+        """Stop loader workers and the tracker, then the process group: nothing may outlive fit()."""
+        close = getattr(self.loader, "close", None)
+        if close is not None:
+            close()
+        self.loader = None
+        if self.tracker is not None:
+            self.tracker.end("FINISHED" if clean else "FAILED")
+            self.tracker = None
+        if clean:
+            teardown(self.dist)
+        elif self.dist is not None and self.dist.owns_group and dist.is_initialized():
+            dist.destroy_process_group()  # no barrier: a peer may be gone
