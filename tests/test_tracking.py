@@ -203,3 +203,17 @@ def test_outage_mid_run_buffers_then_flushes_in_order(tmp_path, store, caplog):
     history = MlflowClient(store).get_metric_history(tracker.run_id, "loss")
     assert [m.step for m in history] == list(range(11))
     assert "reachable again" in caplog.text
+
+
+def test_auto_resume_continues_the_run_recorded_in_output_dir(tmp_path, store):
+    cfg = _cfg(tmp_path, store) | {"resume": "auto"}
+    first = make_tracker(cfg, 0)
+    first.start(cfg)
+    first.end("KILLED")
+    assert make_tracker(cfg, 0).settings.run_id is None  # no checkpoint yet: a fresh run
+    (tmp_path / "out" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoints" / "latest").write_text("global_step10")
+    second = make_tracker(cfg, 0)
+    second.start(cfg)
+    second.end()
+    assert second.run_id == first.run_id

@@ -36,6 +36,7 @@ from vitscale.tracking.uris import (
 
 log = logging.getLogger("vitscale.tracking")
 TRIAL_TAG = "vitscale.trial_id"
+RUN_ID_FILE = "run_id"  # output_dir/tracking/run_id: lets `resume=auto` continue the same run
 PARENT_TAG = "mlflow.parentRunId"
 _BAD_KEY_CHARS = re.compile(r"[^\w\-./ ]")
 
@@ -60,9 +61,17 @@ class TrackingSettings:
     flush_interval_s: float = 10.0
     max_buffered_metrics: int = 1_000_000
     http_timeout_s: int = 10
+    # Read by the engine, which decides when to export: the model name and how often to register.
+    register_name: str | None = None
+    register_every: int = 0
+    best_metric: str = "val_top1"  # moves the `best` alias; mode says which direction is better
+    best_mode: str = "max"
 
     @classmethod
-    def from_mapping(cls, tracking: Mapping[str, Any] | None, resume: str | None = None) -> TrackingSettings:
+    def from_mapping(cls, tracking: Mapping[str, Any] | None, resume: str | None = None,
+                     output_dir: str | None = None) -> TrackingSettings:
+        """`resume=runs:/ID` re-opens that run; `resume=auto` re-opens the run recorded in output_dir
+        when output_dir also holds a checkpoint to resume from (the engine's auto-resume rule)."""
         tracking = dict(tracking or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(tracking) - known)
@@ -70,8 +79,11 @@ class TrackingSettings:
             raise ValueError(f"unknown tracking.* keys {unknown}; expected some of {sorted(known)}")
         settings = cls(**{k: v for k, v in tracking.items() if v is not None})
         if resume and not settings.run_id:
-            parsed = parse_uri(resume)
-            if isinstance(parsed, RunURI):
+            if str(resume) == "auto":
+                if output_dir and (Path(output_dir) / "checkpoints" / "latest").is_file():
+                    recorded = Path(output_dir) / "tracking" / RUN_ID_FILE
+                    settings.run_id = recorded.read_text().strip() if recorded.is_file() else None
+            elif isinstance(parsed := parse_uri(resume), RunURI):
                 settings.run_id = parsed.run_id
         return settings
 
@@ -306,6 +318,8 @@ class MlflowTracker(Tracker):
         if outcome is not Outcome.OK:
             return False
         self.run_id = run_id
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        (self.local_dir / RUN_ID_FILE).write_text(run_id)
         if self._existing_params:  # re-opened: tags may have changed (new commit), params may not
             self._pending.appendleft(("set tags", lambda rid: self._send_tags(rid, self._run_tags)))
         return True
@@ -477,7 +491,8 @@ def make_tracker(cfg: Any, rank: int = 0) -> Tracker:
     server is down; our own retry/buffer layer takes over.
     """
     container = _to_container(cfg)
-    settings = TrackingSettings.from_mapping(container.get("tracking"), resume=container.get("resume"))
+    settings = TrackingSettings.from_mapping(container.get("tracking"), resume=container.get("resume"),
+                                             output_dir=container.get("output_dir"))
     if rank != 0 or not settings.enabled:
         return NullTracker()
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
