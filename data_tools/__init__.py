@@ -3,7 +3,3 @@
 `python -m data_tools.shard` writes the shards, `python -m data_tools.verify` re-reads them.
 The training side (`vitscale.data`) only ever reads what these tools wrote.
 """
-from __future__ import annotations
-
-TOOL_VERSION = "1"
-"""Bumped whenever shard bytes for the same input and options would change (resume compares it)."""

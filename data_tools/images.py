@@ -18,6 +18,9 @@ PASS_THROUGH = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 """Formats stored as they are; anything else (GIF, BMP, TIFF, ...) is re-encoded as PNG (lossless)."""
 
 
+_MAGIC = {b"\xff\xd8": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"RIFF": "WEBP", b"GIF8": "GIF"}
+
+
 class RejectedImage(Exception):
     """The input is not a usable image; the message says why (it goes to errors.jsonl)."""
 
@@ -46,6 +49,9 @@ def inspect(data: bytes, check: str = "structure") -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        for magic, fmt in _MAGIC.items():
+            if data.startswith(magic):
+                raise RejectedImage(f"corrupt or truncated {fmt}: Pillow cannot parse its header") from None
         raise RejectedImage("not an image (format not recognised by Pillow)") from None
     except Exception as e:  # Pillow raises many types for malformed headers
         raise RejectedImage(f"unreadable image header: {e}") from None

@@ -13,9 +13,10 @@ import random
 import re
 from dataclasses import dataclass
 
-from data_tools import TOOL_VERSION
 from data_tools.sources import Item
 
+TOOL_VERSION = "1"
+"""Bumped whenever shard bytes for the same input and options would change (resume compares it)."""
 TAR_BLOCK = 512
 KEY_STEM_CHARS = 48  # keeps `key.ext` inside the 100-character ustar name field
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_tools import TOOL_VERSION
-from data_tools.plan import ShardPlan, brace_pattern, plan_shards
+from data_tools.plan import TOOL_VERSION, ShardPlan, brace_pattern, plan_shards
 from data_tools.sources import Source, SourceError, fingerprint, open_source, parse_class_names
 from data_tools.writer import STATE_DIR, ShardResult, WriteOptions, load_completed, write_shard
 
