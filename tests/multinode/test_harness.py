@@ -48,8 +48,8 @@ def test_gloo_ranks_on_both_hosts_agree(two_hosts: TwoHosts, tmp_path: Path) -> 
             log=tmp_path / f"node{i}.log", timeout_s=120)
         for i, host in enumerate((a, b))
     ]
-    for launch in launches:
-        assert launch.wait() == 0, launch.describe()
+    codes = [launch.wait() for launch in launches]
+    assert codes == [0, 0], "\n".join(launch.describe() for launch in launches)
     ranks = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
     assert {r["addr"] for r in ranks} == {a.addr, b.addr}
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
