@@ -25,6 +25,9 @@ _SHARED_KEYS = re.compile(
     r"|blocks\.\d+\.(norm[12]\.(weight|bias)|attn\.(qkv|proj)\.(weight|bias)|attn\.[qk]_norm\.(weight|bias)"
     r"|mlp\.fc[12]\.(weight|bias)))$"
 )
+# timm's stem-only hybrids (vit_tiny_r_s16_p8_*) use the bare stem Sequential as the backbone.
+_TIMM_BARE_STEM = re.compile(r"^patch_embed\.backbone\.(conv\.weight|norm\.(weight|bias))$")
+_OUR_STEM = "patch_embed.backbone.stem."
 # timm < 0.9 kept the JAX representation layer as `pre_logits.fc`; timm >= 0.9 has none.
 _TIMM_REPRESENTATION = "pre_logits.fc."
 _OUR_REPRESENTATION = "representation.fc."
@@ -52,6 +55,8 @@ def from_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for key, value in sd.items():
         if _SHARED_KEYS.match(key):
             out[key] = value
+        elif _TIMM_BARE_STEM.match(key):
+            out[_OUR_STEM + key[len("patch_embed.backbone."):]] = value
         elif key.startswith(_TIMM_REPRESENTATION):
             out[_OUR_REPRESENTATION + key[len(_TIMM_REPRESENTATION):]] = value
         else:
@@ -68,6 +73,9 @@ def to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             "this model has a representation (pre-logits) layer, which timm's VisionTransformer does not "
             "have; call model.reset_head(num_classes) first to export a fine-tuning layout")
     _reject([k for k in sd if not _SHARED_KEYS.match(k)], "vitscale state dict")
+    if not any(k.startswith("patch_embed.backbone.stages.") for k in sd):  # stem-only hybrid (or plain ViT)
+        return {("patch_embed.backbone." + k[len(_OUR_STEM):] if k.startswith(_OUR_STEM) else k): v
+                for k, v in sd.items()}
     return dict(sd)
 
 

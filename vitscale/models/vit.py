@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from vitscale.models.embed import build_embed
 from vitscale.models.flops import flops_per_image
-from vitscale.models.init import lecun_normal_, trunc_normal_
+from vitscale.models.init import lecun_normal_
 from vitscale.models.layers import LAYER_NORM_EPS, Block
 from vitscale.models.posembed import infer_square_grid, resample_pos_embed
 from vitscale.models.registry import ModelConfig
@@ -87,7 +87,8 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """The official JAX initialisation (the paper's), so from-scratch runs are comparable to it."""
-        trunc_normal_(self.pos_embed, std=0.02)
+        # JAX: normal(0.02); timm's trunc_normal_(std=.02) truncates at +-2.0 absolute, i.e. the same.
+        nn.init.normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.zeros_(self.cls_token)
         for name, m in self.named_modules():
