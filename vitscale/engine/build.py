@@ -57,20 +57,20 @@ def build_model(cfg: DictConfig) -> nn.Module:
     return model
 
 
-def build_loss(name: str, label_smoothing: float = 0.0) -> LossFn:
+def build_loss(name: str) -> LossFn:
     """softmax cross-entropy (hard or soft labels), or big_vision's sigmoid cross-entropy summed over
-    classes (the paper's choice for multi-label JFT / ImageNet-21k pre-training)."""
+    classes (the paper's choice for multi-label JFT / ImageNet-21k pre-training).
+
+    Label smoothing and mixup are the data pipeline's (data.augment): it then yields soft targets.
+    """
     if name not in LOSSES:
         raise ValueError(f"trainer.loss={name!r}: expected one of {', '.join(LOSSES)}")
 
     def softmax_xent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        smoothing = label_smoothing if labels.dtype == torch.long else 0.0  # soft labels carry their own
-        return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+        return F.cross_entropy(logits.float(), labels)
 
     def sigmoid_xent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = F.one_hot(labels, logits.shape[-1]).float() if labels.dtype == torch.long else labels.float()
-        if label_smoothing and labels.dtype == torch.long:
-            targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
         per_class = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
         return per_class.sum(dim=-1).mean()
 

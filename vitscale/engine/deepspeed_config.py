@@ -62,6 +62,12 @@ def offloads_optimizer(cfg: DictConfig) -> bool:
     return bool(offload) and offload.get("device", "none") in ("cpu", "nvme")
 
 
+def loop_clips_gradients(zero_stage: int, precision: str) -> bool:
+    """ZeRO-0 in fp32 is the one DeepSpeed path without a non-finite-gradient skip, and its clipping
+    fails when every gradient was dropped; there the loop clips (torch's clip_grad_norm_) and skips."""
+    return zero_stage == 0 and precision == "fp32"
+
+
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in extra.items():
@@ -96,6 +102,8 @@ def build(cfg: DictConfig, world_size: int, *, precision: str, device: torch.dev
         "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed's own progress lines are noise
         "wall_clock_breakdown": False,
     }
+    if loop_clips_gradients(stage, precision):
+        ds["gradient_clipping"] = 0.0
     sched = scheduler_config(cfg.optim.schedule, float(cfg.optim.lr), int(cfg.trainer.max_steps))
     if sched is not None:
         ds["scheduler"] = sched

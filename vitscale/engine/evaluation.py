@@ -30,7 +30,7 @@ def run_eval(trainer: "Trainer") -> dict[str, Any]:
     loader = build_eval_loader(
         urls, batch_size=int(cfg.eval.batch_size), rank=info.rank, world_size=info.world_size,
         img_size=cfg.model.img_size, in_chans=int(cfg.model.in_chans),
-        num_workers=int(cfg.data.num_workers))
+        num_workers=int(cfg.data.num_workers), cfg_data=cfg.data)
     engine = trainer.engine
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.precision, torch.float32)
 

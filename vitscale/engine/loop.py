@@ -21,10 +21,17 @@ log = logging.getLogger(__name__)
 _INPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _grad_norm_stage0(engine: Any) -> float:
-    """Global grad norm from ``param.grad`` (ZeRO-0 fp32: DeepSpeed has all-reduced them already)."""
-    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+def _clip_or_drop_gradients(engine: Any, max_norm: float) -> tuple[float, bool]:
+    """ZeRO-0 fp32 (gradients already all-reduced in ``param.grad``): clip with torch, or drop them all
+    when their norm is not finite (a torch optimizer leaves parameters whose .grad is None untouched).
+    Returns (norm before clipping, dropped)."""
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+    if math.isfinite(norm):
+        return norm, False
+    for p in params:
+        p.grad = None
+    return norm, True
 
 
 def train_step(trainer: "Trainer", batches: Iterator[dict[str, Any]], timer: StepTimer) -> tuple[float, float, bool]:
@@ -49,15 +56,10 @@ def train_step(trainer: "Trainer", batches: Iterator[dict[str, Any]], timer: Ste
         loss_sum[0] += value if math.isfinite(value) else 0.0
         loss_sum[1] += 0.0 if math.isfinite(value) else 1.0
         engine.backward(loss)
-        if micro == trainer.accumulation - 1 and trainer.zero_stage == 0 and trainer.precision == "fp32":
-            # ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers skip a step with a non-finite gradient
-            # norm themselves; plain fp32 data parallel does not, so drop the gradients here (a torch
-            # optimizer leaves parameters whose .grad is None untouched).
-            grad_norm = _grad_norm_stage0(engine)
-            if not math.isfinite(grad_norm):
-                own_skip = True
-                for p in engine.module.parameters():
-                    p.grad = None
+        if micro == trainer.accumulation - 1 and trainer.loop_clips:
+            # ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers clip, and skip a step whose gradient norm
+            # is not finite, themselves; for ZeRO-0 fp32 the loop does both (deepspeed_config).
+            grad_norm, own_skip = _clip_or_drop_gradients(engine, trainer.grad_clip)
         engine.step()
         images += images_t.shape[0]
         data_s += t1 - t0
@@ -90,12 +92,14 @@ def run_loop(trainer: "Trainer", batches: Iterator[dict[str, Any]]) -> dict[str,
     max_steps, log_every = int(tc.max_steps), max(int(tc.log_every), 1)
     ckpt_every, eval_every = int(tc.checkpoint_every), int(cfg.eval.every)
     patience = int(tc.nan_patience)
+    register_every = int(cfg.tracking.get("register_every") or 0)  # a multiple of checkpoint_every
     timer, window_losses = StepTimer(), []
     in_a_row = 0
     last: dict[str, Any] = {"step": trainer.step}
     last_ckpt = None
     engine.train()
     while trainer.step < max_steps:
+        lr = float(engine.get_lr()[0])  # the LR this step applies (DeepSpeed advances it in step())
         loss, grad_norm, ok = train_step(trainer, batches, timer)
         trainer.step += 1
         if ok:
@@ -110,7 +114,7 @@ def run_loop(trainer: "Trainer", batches: Iterator[dict[str, Any]]) -> dict[str,
             record = {
                 "step": trainer.step,
                 "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
-                "lr": float(engine.get_lr()[0]),
+                "lr": lr,
                 "grad_norm": grad_norm,
                 "nan_skips": trainer.nan_skips,
                 **trainer.throughput(timer),
@@ -130,6 +134,8 @@ def run_loop(trainer: "Trainer", batches: Iterator[dict[str, Any]]) -> dict[str,
             engine.train()
         if ckpt_every > 0 and trainer.step % ckpt_every == 0:
             last_ckpt = trainer.save_checkpoint(last)
+            if register_every > 0 and trainer.step % register_every == 0 and trainer.step < max_steps:
+                trainer.finish_export(trainer.export(last_ckpt), last)
     if cfg.get("eval") is not None:
         last.update(run_eval(trainer))
     if last_ckpt is None or last_ckpt.tag != f"step_{trainer.step:08d}":

@@ -24,13 +24,12 @@ from vitscale.engine import checkpoint as ckpt
 from vitscale.engine.activation import apply_policy
 from vitscale.engine.build import build_loss, build_model
 from vitscale.engine.deepspeed_config import build as build_ds_config
-from vitscale.engine.deepspeed_config import offloads_optimizer, resolve_precision
+from vitscale.engine.deepspeed_config import loop_clips_gradients, offloads_optimizer, resolve_precision
 from vitscale.engine.distributed import DistInfo, init_distributed, teardown
 from vitscale.engine.metrics import MetricsWriter, StepTimer, peak_flops, peak_memory_bytes
 from vitscale.engine.optim import build_optimizer
 
 log = logging.getLogger(__name__)
-_TRAINER_ONLY_TRACKING_KEYS = ("register_name", "register_every")
 
 
 class TrainingDiverged(RuntimeError):
@@ -94,6 +93,8 @@ class Trainer:
         self.ds_config = build_ds_config(cfg, info.world_size, precision=self.precision, device=info.device)
         self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
         self.accumulation = int(self.ds_config["gradient_accumulation_steps"])
+        self.loop_clips = loop_clips_gradients(self.zero_stage, self.precision)
+        self.grad_clip = float(cfg.optim.grad_clip or 0.0)
         ac = tc.activation_checkpointing
         apply_policy(model, str(ac.policy), int(ac.every), self.ds_config)
         from vitscale.models import flops_per_image
@@ -104,7 +105,7 @@ class Trainer:
         model.to(info.device)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
                                                     dist_init_required=False)
-        self.loss_fn = build_loss(str(tc.loss), float(cfg.data.augment.get("label_smoothing", 0.0) or 0.0))
+        self.loss_fn = build_loss(str(tc.loss))
         self.peak = float(tc.peak_flops) if tc.get("peak_flops") else peak_flops(info.device, self.precision)
         self.metrics_file = MetricsWriter(self.output_dir / "metrics.jsonl", enabled=info.is_main)
         self.tracker = self._make_tracker()
@@ -121,8 +122,6 @@ class Trainer:
 
         container = OmegaConf.to_container(self.cfg, resolve=True)
         assert isinstance(container, dict)
-        for key in _TRAINER_ONLY_TRACKING_KEYS:  # read by the trainer, not by the Tracker
-            container["tracking"].pop(key, None)
         tracker = make_tracker(container, self.dist.rank)
         tracker.start(container, self.ds_config, tags={"launcher": self.dist.launcher})
         return tracker
@@ -189,8 +188,10 @@ class Trainer:
             return
         name = self.cfg.tracking.get("register_name")
         if name:  # register_export logs the directory to the run itself
+            tc = self.cfg.tracking
             numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            self.tracker.register(out, str(name), step=self.step, metrics=numeric)
+            self.tracker.register(out, str(name), step=self.step, metrics=numeric,
+                                  best_metric=tc.get("best_metric"), mode=str(tc.get("best_mode", "max")))
         else:
             self.tracker.log_artifact(out, f"export/{out.name}")
 

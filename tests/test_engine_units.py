@@ -1,0 +1,126 @@
+"""In-process engine pieces: activation checkpointing policies, schedules, loss, checkpoint files."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from vitscale.engine import checkpoint as ckpt
+from vitscale.engine.activation import POLICIES, apply_policy
+from vitscale.engine.build import build_loss
+from vitscale.engine.metrics import StepTimer, matmul_probe_flops
+from vitscale.engine.schedule import scheduler_config
+from vitscale.models import create_model
+
+
+def _grads(policy: str, every: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_test", img_size=28, patch_size=7, in_chans=1, depth=3, dropout=0.1,
+                         drop_path=0.1)
+    apply_policy(model, policy, every)
+    model.train()
+    x = torch.randn(4, 1, 28, 28, requires_grad=True)
+    torch.manual_seed(1)  # identical dropout masks for every policy (recompute must replay them)
+    loss = model(x).logsumexp(-1).sum()
+    loss.backward()
+    return x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "none"])
+def test_activation_checkpointing_gives_the_same_gradients(policy: str) -> None:
+    ref_x, ref = _grads("none", 1)
+    x_grad, got = _grads(policy, 2)  # blocks 0 and 2 recomputed, block 1 not
+    torch.testing.assert_close(x_grad, ref_x, rtol=0, atol=1e-6)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_unknown_policy_is_a_clear_error() -> None:
+    model = create_model("vit_tiny_test")
+    with pytest.raises(ValueError, match="activation_checkpointing.policy='selective'"):
+        apply_policy(model, "selective", 1)
+
+
+def test_schedules_follow_the_paper_shapes() -> None:
+    """Through DeepSpeed's own scheduler classes: linear warm-up to the base LR, then linear to 0."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR, WarmupDecayLR
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    block = scheduler_config(OmegaConf.create({"name": "warmup_linear_decay", "warmup_steps": 10}), 0.5, 110)
+    sched = WarmupDecayLR(opt, **block["params"])
+    lrs = []
+    for _ in range(111):
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    # lrs[t] is the LR at scheduler iteration t (DeepSpeed starts at iteration 0 with LR 0).
+    assert lrs[5] == pytest.approx(0.25) and lrs[10] == pytest.approx(0.5)  # half-way, then the top
+    assert lrs[60] == pytest.approx(0.25) and lrs[110] == pytest.approx(0.0)
+    block = scheduler_config(OmegaConf.create({"name": "warmup_cosine", "warmup_steps": 10, "min_lr_ratio": 0.0}), 0.5, 110)
+    opt.param_groups[0]["lr"] = 0.5
+    cos = WarmupCosineLR(opt, **block["params"])
+    for _ in range(60):
+        cos.step()
+    assert cos.get_last_lr()[0] == pytest.approx(0.25, abs=0.01)  # half-way through the cosine
+    assert scheduler_config(OmegaConf.create({"name": "constant", "warmup_steps": 0}), 0.5, 10) is None
+
+
+def test_losses_accept_hard_and_soft_labels() -> None:
+    logits = torch.randn(3, 5)
+    hard = torch.tensor([0, 3, 4])
+    soft = torch.nn.functional.one_hot(hard, 5).float()
+    for name in ("softmax_xent", "sigmoid_xent"):
+        fn = build_loss(name)
+        torch.testing.assert_close(fn(logits, hard), fn(logits, soft))
+    assert build_loss("sigmoid_xent")(logits, hard) == pytest.approx(
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, soft, reduction="sum").item() / 3, rel=1e-6)
+
+
+def test_rng_state_round_trip_through_weights_only_load(tmp_path: Path) -> None:
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save({"rng": ckpt.rng_state()}, tmp_path / "r.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_resume_resolution(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert ckpt.resolve("auto", out) is None  # fresh start
+    root = out / "checkpoints"
+    (root / "step_00000004").mkdir(parents=True)
+    (root / "step_00000004" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    assert ckpt.resolve("auto", out) is None  # no `latest`: the save never completed
+    (root / "latest").write_text("step_00000004")
+    assert ckpt.resolve("auto", out) == ckpt.CheckpointRef(root, "step_00000004")
+    assert ckpt.resolve(str(root / "step_00000004"), out) == ckpt.CheckpointRef(root, "step_00000004")
+    assert ckpt.resolve(None, out) is None
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.resolve(str(tmp_path / "missing"), out)
+
+
+def test_export_is_loadable_by_create_model(tmp_path: Path) -> None:
+    model = create_model("vit_tiny_test")
+    ckpt.export(model.state_dict(), tmp_path, model_config=dict(model.config), train_config_yaml="a: 1\n")
+    state, config = ckpt.load_export(tmp_path)
+    again = create_model(**config)
+    again.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), again.eval()
+    torch.testing.assert_close(again(x), model(x))
+    assert json.loads((tmp_path / "model_config.json").read_text())["name"] == "vit_tiny_test"
+
+
+def test_throughput_and_mfu_arithmetic() -> None:
+    timer = StepTimer()
+    timer.add(data_s=0.5, compute_s=1.5, images=8)
+    out = timer.summary(world_size=2, tokens_per_image=17, flops_per_image=1e9, peak=12e9)
+    assert out["images_per_s"] == pytest.approx(8.0)  # 16 images over 2 s
+    assert out["tokens_per_s"] == pytest.approx(8.0 * 17)
+    assert out["mfu"] == pytest.approx(3 * 1e9 * 8 / 2.0 / 12e9)
+    assert out["data_wait_s"] == pytest.approx(0.5)
+    assert matmul_probe_flops(n=256, repeats=2) > 1e8  # any CPU does > 0.1 GFLOP/s
