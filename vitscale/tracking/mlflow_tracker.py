@@ -64,7 +64,7 @@ class TrackingSettings:
     # Read by the engine, which decides when to export: the model name and how often to register.
     register_name: str | None = None
     register_every: int = 0
-    best_metric: str = "val_top1"  # moves the `best` alias; mode says which direction is better
+    best_metric: str = "eval/top1"  # moves the `best` alias; best_mode says which direction is better
     best_mode: str = "max"
 
     @classmethod
