@@ -7,12 +7,16 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from twohosts import TwoHosts, remove_stale_namespaces
 
+REPO = Path(__file__).resolve().parents[2]
 _counter = itertools.count()
 
 
@@ -48,3 +52,17 @@ def two_hosts() -> Iterator[TwoHosts]:
         yield hosts.create()
     finally:
         hosts.destroy()
+
+
+@pytest.fixture(scope="session")
+def fmnist_shards(fashion_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Brace pattern of 4 shards of real Fashion-MNIST images (the 10k test split: quick to write),
+    written once per session by data_tools and shared by every run of the suite."""
+    out = tmp_path_factory.mktemp("fmnist-shards")
+    subprocess.run(
+        [sys.executable, "-m", "data_tools.shard", "--src", str(fashion_mnist / "t10k-images-idx3-ubyte.gz"),
+         "--out", str(out), "--prefix", "fmnist", "--samples-per-shard", "2500", "--no-progress"],
+        check=True, cwd=REPO, timeout=120, capture_output=True)
+    shards = sorted(out.glob("fmnist-*.tar"))
+    assert len(shards) == 4, f"data_tools wrote {shards} into {out}"
+    return str(out / "fmnist-{000000..000003}.tar")
