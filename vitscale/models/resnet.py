@@ -47,10 +47,13 @@ class StdConv2dSame(nn.Conv2d):
         self.eps = eps
 
     def standardized_weight(self) -> torch.Tensor:
+        # batch_norm over the flattened kernel (no running stats) is the standardisation in one fused
+        # kernel, the same op timm uses, so converted checkpoints give bit-identical weights; fp32
+        # because eps=1e-8 and the variance are meaningless in bf16.
         w = self.weight
-        flat = w.reshape(w.shape[0], -1)
-        var, mean = torch.var_mean(flat, dim=1, unbiased=False, keepdim=True)
-        return ((flat - mean) * torch.rsqrt(var + self.eps)).reshape_as(w)
+        flat = w.reshape(1, w.shape[0], -1).float()
+        flat = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=self.eps)
+        return flat.reshape(w.shape).to(w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_same(x, self.kernel_size, self.stride)

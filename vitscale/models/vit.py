@@ -195,9 +195,9 @@ class VisionTransformer(nn.Module):
         own = self.state_dict(keep_vars=True)
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
-        misshapen = [
+        misshapen = [  # pos_embed is resampled by the load hook; numel 0 = a ZeRO-3 partitioned parameter
             f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-            for k in own if k in state_dict and k != "pos_embed"
+            for k in own if k in state_dict and k != "pos_embed" and own[k].numel() > 0
             and tuple(getattr(state_dict[k], "shape", ())) != tuple(own[k].shape)
         ]
         if not (missing or unexpected or misshapen):
@@ -224,12 +224,15 @@ def _resample_pos_embed_on_load(module: VisionTransformer, state_dict: dict, pre
     key = prefix + "pos_embed"
     if key not in state_dict:
         return
-    src, dst = state_dict[key], module.pos_embed
-    if tuple(src.shape) == tuple(dst.shape):
+    src = state_dict[key]
+    if src.numel() == 0:
+        return  # a ZeRO-3 partition placeholder: the engine restores the real values itself
+    cfg = module.cfg
+    tokens = module.grid_size[0] * module.grid_size[1] + module.num_prefix_tokens
+    if src.ndim != 3 or src.shape[-1] != cfg.embed_dim or src.shape[1] <= module.num_prefix_tokens:
+        raise ValueError(f"{key}: checkpoint shape {tuple(src.shape)} cannot be resampled to "
+                         f"(1, {tokens}, {cfg.embed_dim})")
+    if src.shape[1] == tokens:
         return
-    if src.ndim != 3 or src.shape[-1] != dst.shape[-1]:
-        raise ValueError(f"{key}: checkpoint shape {tuple(src.shape)} cannot be resampled to {tuple(dst.shape)}")
     old_grid = infer_square_grid(src.shape[1] - module.num_prefix_tokens)
-    if old_grid == tuple(module.grid_size):
-        return
     state_dict[key] = resample_pos_embed(src, module.grid_size, module.num_prefix_tokens, old_grid=old_grid)
