@@ -97,7 +97,7 @@ def test_resume_skips_without_decoding(shards: dict, monkeypatch: pytest.MonkeyP
     take(first, 5)
     calls = []
     real = decode_module.decode_image
-    monkeypatch.setattr("vitscale.data.stream.decode_image", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr("vitscale.data.transforms.decode_image", lambda *a: calls.append(1) or real(*a))
     resumed = loader(cfg)
     resumed.load_state_dict(first.state_dict())
     take(resumed, 2)

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitscale.data.config import expand_shards, parse_data_config
-from vitscale.data.decode import decode_image, find_image
+from vitscale.data.decode import find_image
 from vitscale.data.shards import ShardReadError, iter_raw_samples
 from vitscale.data.stream import BadShardsError
 from vitscale.data.transforms import EvalTransform, Normalizer
@@ -28,7 +28,7 @@ class _EvalShardReader(IterableDataset):
                  img_size: int, in_chans: int, crop_pct: float) -> None:
         self.urls, self.batch_size, self.rank, self.world_size = urls, batch_size, rank, world_size
         self.in_chans = in_chans
-        self.transform = EvalTransform(img_size, crop_pct)
+        self.transform = EvalTransform(img_size, crop_pct, in_chans)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -42,7 +42,7 @@ class _EvalShardReader(IterableDataset):
                 for sample in iter_raw_samples(url):
                     try:
                         ext, data = find_image(sample)
-                        image = self.transform(decode_image(data, ext, self.in_chans))
+                        image = self.transform(data, ext)
                     except Exception as e:
                         log.warning("eval: skipping sample %s in %s: %s", sample.get("__key__"), url, e)
                         continue

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitscale.data.config import DataConfig, parse_data_config
-from vitscale.data.decode import decode_image, find_image
+from vitscale.data.decode import find_image
 from vitscale.data.shards import ShardReadError, iter_raw_samples
 from vitscale.data.transforms import BatchMixer, Normalizer, TrainTransform, derive_seed
 
@@ -50,7 +50,7 @@ class _TrainShardStream(IterableDataset):
         self.urls, self.cfg, self.batch_size = urls, cfg, batch_size
         self.rank, self.seed, self.in_chans = rank, seed, in_chans
         self.positions, self.rotation = positions, rotation
-        self.transform = TrainTransform(img_size, cfg.augment, cfg.mean)
+        self.transform = TrainTransform(img_size, cfg.augment, cfg.mean, in_chans)
         self.window = max(1, cfg.shuffle_buffer)
 
     def __iter__(self) -> Iterator[dict]:
@@ -107,11 +107,10 @@ class _TrainShardStream(IterableDataset):
     def _decode(self, sample: dict, worker: int, draw: int, pos: int) -> torch.Tensor | None:
         try:
             ext, data = find_image(sample)
-            img = decode_image(data, ext, self.in_chans)
+            return self.transform(data, ext, derive_seed(self.seed, self.rank, worker, draw, pos, _AUGMENT))
         except Exception as e:  # deterministic, so skipping keeps resume exact; never silent
             log.warning("skipping sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), e)
             return None
-        return self.transform(img, derive_seed(self.seed, self.rank, worker, draw, pos, _AUGMENT))
 
 
 class TrainLoader:
