@@ -5,6 +5,7 @@ reader (`model.load_pretrained`) is the independent reference for the JAX layout
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,14 @@ from vitscale.models.convert import from_jax_npz, from_timm, to_timm
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread():
+def _single_thread() -> Iterator[None]:
     """Small ops on shared, busy cores: one intra-op thread avoids spin-wait contention (3.5 s -> 0.25 s
     for a tiny hybrid forward measured on this machine under load)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
 
 TINY = dict(img_size=32, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 
@@ -159,7 +161,8 @@ def _jax_arrays(rng: np.random.Generator, *, dim: int, depth: int, heads: int, p
 def test_npz_loads_like_timm_loads_it(tmp_path: Path, hybrid: bool) -> None:
     rng = np.random.default_rng(0)
     if hybrid:
-        arrays = _jax_arrays(rng, dim=64, depth=2, heads=2, patch=16, tokens=1 + 2 * 2, classes=10, stem_layers=(3, 4, 9))
+        arrays = _jax_arrays(rng, dim=64, depth=2, heads=2, patch=16, tokens=1 + 2 * 2, classes=10,
+                             stem_layers=(3, 4, 9))
         timm_name, ours, overrides = "vit_base_r50_s16_384", "r50_vit_b16", TINY
     else:
         arrays = _jax_arrays(rng, dim=64, depth=2, heads=2, patch=8, tokens=1 + 4 * 4, classes=10)

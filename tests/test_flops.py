@@ -1,6 +1,8 @@
 """Analytic MACs: against timm's published numbers and against PyTorch's own FLOP counter."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -10,7 +12,7 @@ from vitscale.models import create_model, flops_per_image, model_config
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread():
+def _single_thread() -> Iterator[None]:
     """Small ops on shared, busy cores: one intra-op thread avoids spin-wait contention (3.5 s -> 0.25 s
     for a tiny hybrid forward measured on this machine under load)."""
     threads = torch.get_num_threads()

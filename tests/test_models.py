@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from vitscale.models import ModelConfig, create_model, list_models
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread():
+def _single_thread() -> Iterator[None]:
     """Small ops on shared, busy cores: one intra-op thread avoids spin-wait contention (3.5 s -> 0.25 s
     for a tiny hybrid forward measured on this machine under load)."""
     threads = torch.get_num_threads()
@@ -20,8 +21,10 @@ def _single_thread():
     yield
     torch.set_num_threads(threads)
 
+
 DEMO = dict(img_size=28, patch_size=7, embed_dim=96, depth=4, num_heads=3, in_chans=1, num_classes=10)
-ISSUE_NAMES = ["vit_ti16", "vit_s16", "vit_b16", "vit_b32", "vit_l16", "vit_l32", "vit_h14", "r50_vit_b16", "r50_vit_l32"]
+ISSUE_NAMES = ["vit_ti16", "vit_s16", "vit_b16", "vit_b32", "vit_l16", "vit_l32", "vit_h14",
+               "r50_vit_b16", "r50_vit_l32"]
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -206,10 +209,11 @@ def test_state_dict_mismatch_names_the_keys() -> None:
     model = create_model("vit_tiny_test")
     sd = model.state_dict()
     broken = {k: v for k, v in sd.items() if k != "norm.bias"} | {"blocks.9.mlp.fc1.weight": torch.zeros(1)}
-    with pytest.raises(ValueError, match=r"missing keys \[norm\.bias\].*unexpected keys \[blocks\.9\.mlp\.fc1\.weight\]"):
+    with pytest.raises(ValueError, match=r"missing keys \[norm\.bias\].*unexpected keys \[blocks\.9\.mlp\.fc1\.w"):
         model.load_state_dict(broken)
     other_head = create_model("vit_tiny_test", num_classes=3).state_dict()
-    with pytest.raises(ValueError, match=r"shape mismatch \[head\.weight: checkpoint \(3, 64\) vs model \(10, 64\).*reset_head"):
+    mismatch = r"shape mismatch \[head\.weight: checkpoint \(3, 64\) vs model \(10, 64\).*reset_head"
+    with pytest.raises(ValueError, match=mismatch):
         model.load_state_dict(other_head)
     wrapped = {f"module.{k}": v for k, v in sd.items()}
     with pytest.raises(ValueError, match=r"strip the wrapper prefix"):

@@ -1,6 +1,8 @@
 """Position-embedding resampling: equal to timm's, prefix tokens kept, automatic on load."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -9,7 +11,7 @@ from vitscale.models import create_model, resample_pos_embed
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread():
+def _single_thread() -> Iterator[None]:
     """Small ops on shared, busy cores: one intra-op thread avoids spin-wait contention (3.5 s -> 0.25 s
     for a tiny hybrid forward measured on this machine under load)."""
     threads = torch.get_num_threads()

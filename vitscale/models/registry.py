@@ -155,7 +155,7 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(name=name, **{**_REGISTRY[name], **overrides})
 
 
-def create_model(name: str, **overrides: Any) -> "VisionTransformer":
+def create_model(name: str, **overrides: Any) -> VisionTransformer:
     """Build a registered model; wrap in `with torch.device("meta"):` to size big ones for free."""
     from vitscale.models.vit import VisionTransformer
 
