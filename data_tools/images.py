@@ -41,10 +41,16 @@ class StoredImage:
 
 
 def _check_jpeg_end(data: bytes) -> None:
+    """A JPEG normally ends with its end-of-image marker; a cut-off copy does not. Some cameras
+    append trailers after it, so a missing marker at the end is settled by a full decode."""
     if not data.startswith(b"\xff\xd8"):
         raise RejectedImage("JPEG without start-of-image marker")
-    if b"\xff\xd9" not in data[-64:].rstrip(b"\x00\r\n\x1a "):
-        raise RejectedImage("truncated JPEG (no end-of-image marker)")
+    if b"\xff\xd9" in data[-64:].rstrip(b"\x00\r\n\x1a "):
+        return
+    try:
+        Image.open(io.BytesIO(data)).load()
+    except Exception as e:
+        raise RejectedImage(f"truncated JPEG (no end-of-image marker; decode fails: {e})") from None
 
 
 def inspect(data: bytes, check: str = "structure") -> Image.Image:

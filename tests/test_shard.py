@@ -45,6 +45,7 @@ def build_corpus(root: Path, foolbox_data: Path, *, copies: int = 1, bad: bool =
         (bad_dir / "notes.txt").write_text("not pixels\n")
         (bad_dir / "empty.jpg").write_bytes(b"")
         (bad_dir / "truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
+        (bad_dir / "trailer.jpg").write_bytes(jpg + b"camera trailer after EOI" * 40)  # valid: must pass
         (bad_dir / "truncated.png").write_bytes(bytes(png[: len(png) // 2]))
         png[-20] ^= 0xFF  # inside the last IDAT's data: its CRC no longer matches
         (bad_dir / "badcrc.png").write_bytes(bytes(png))
@@ -143,7 +144,7 @@ def test_max_shard_bytes_and_resize(corpus: Path, foolbox_data: Path, tmp_path: 
             assert sample[ext] == (corpus / meta["source"]).read_bytes()  # small images pass through untouched
             passed += 1
     assert passed == 80
-    assert checked == 20
+    assert checked == 21  # 20 ImageNet JPEGs + trailer.jpg
 
 
 def test_manifest_sources_csv_and_jsonl(foolbox_data: Path, tmp_path: Path) -> None:

@@ -1,7 +1,10 @@
 """vitscale.data over shards written by data_tools.shard from the real foolbox images."""
 from __future__ import annotations
 
+import gzip
+import json
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +12,7 @@ import pytest
 import torch
 
 from data_tools.shard import main as shard_main
+from data_tools.sources import read_idx
 from vitscale.data import BadShardsError, build_eval_loader, build_train_loader
 from vitscale.data import decode as decode_module
 
@@ -21,8 +25,6 @@ def shards(tmp_path_factory: pytest.TempPathFactory, foolbox_data: Path) -> dict
         shutil.copy(p, src / p.name.split("_")[0] / p.name)
     assert shard_main(["--src", str(src), "--out", str(out), "--no-progress", "--samples-per-shard", "7",
                        "--val-fraction", "0.3", "--seed", "3"]) == 0
-    import json
-
     m = json.loads((out / "manifest.json").read_text())
     return {"out": out, "manifest": m,
             "train": [str(out / s["name"]) for s in m["splits"]["train"]["shards"]],
@@ -171,9 +173,14 @@ def test_bad_shards_are_counted_then_fatal(shards: dict, tmp_path: Path) -> None
 
 
 def test_fashion_mnist_one_channel(fashion_mnist: Path, tmp_path: Path) -> None:
-    assert shard_main(["--src", str(fashion_mnist / "t10k-images-idx3-ubyte.gz"), "--out", str(tmp_path),
-                       "--no-progress", "--samples-per-shard", "2000", "--workers", "2"]) == 0
-    cfg = {"train_shards": str(tmp_path / "data-{000000..000004}.tar"), "num_classes": 10, "num_workers": 0,
+    """The real t10k images (first 1000, written back as IDX) feed a 1-channel stem at 28 px."""
+    for kind, n in (("images-idx3", 1000), ("labels-idx1", 1000)):
+        array = read_idx(fashion_mnist / f"t10k-{kind}-ubyte.gz")[:n]
+        header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+        (tmp_path / f"t10k-{kind}-ubyte.gz").write_bytes(gzip.compress(header + array.tobytes()))
+    assert shard_main(["--src", str(tmp_path / "t10k-images-idx3-ubyte.gz"), "--out", str(tmp_path / "o"),
+                       "--no-progress", "--samples-per-shard", "250", "--workers", "2"]) == 0
+    cfg = {"train_shards": str(tmp_path / "o" / "data-{000000..000003}.tar"), "num_classes": 10, "num_workers": 0,
            "mean": [0.286], "std": [0.353], "augment": {"scale": [0.8, 1.0], "hflip": True}}
     batch = take(build_train_loader(cfg, batch_size=16, rank=0, world_size=1, seed=0, img_size=28, in_chans=1), 1)[0]
     assert batch["image"].shape == (16, 1, 28, 28) and batch["label"].max() < 10
