@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+import webdataset as wds
 
 from data_tools.shard import main as shard_main
 from data_tools.sources import read_idx
@@ -184,3 +185,10 @@ def test_fashion_mnist_one_channel(fashion_mnist: Path, tmp_path: Path) -> None:
            "mean": [0.286], "std": [0.353], "augment": {"scale": [0.8, 1.0], "hflip": True}}
     batch = take(build_train_loader(cfg, batch_size=16, rank=0, world_size=1, seed=0, img_size=28, in_chans=1), 1)[0]
     assert batch["image"].shape == (16, 1, 28, 28) and batch["label"].max() < 10
+
+
+def test_shards_without_samples_fail_instead_of_hanging(tmp_path: Path, shards: dict) -> None:
+    with wds.TarWriter(str(tmp_path / "empty.tar")):
+        pass
+    with pytest.raises(RuntimeError, match="gave no usable sample"):
+        take(loader(data_cfg(shards, train_shards=[str(tmp_path / "empty.tar")])), 1)

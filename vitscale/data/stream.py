@@ -61,13 +61,19 @@ class _TrainShardStream(IterableDataset):
         images: list[torch.Tensor] = []
         labels: list[int] = []
         keys: list[str] = []
+        barren = 0  # consecutive draws without one usable sample
         while True:
+            if barren > max(100, 4 * len(self.urls)):
+                raise RuntimeError(f"train stream: {barren} shard draws in a row gave no usable sample "
+                                   f"(shards empty, unreadable or not images?), e.g. {self.urls[0]}")
+            barren += 1
             url = self.urls[self.shard_index(worker, draw)]
             try:
                 for pos, sample in self._draw_samples(url, worker, draw, offset):
                     image = self._decode(sample, worker, draw, pos)
                     if image is None:
                         continue
+                    barren = 0
                     images.append(image)
                     labels.append(int(sample["cls"]))
                     keys.append(sample["__key__"])
