@@ -224,9 +224,11 @@ def validate_against(cfg: DictConfig, spec: SweepSpec) -> None:
             siblings = OmegaConf.select(cfg, parent, default=None) if parent else cfg
             hint = f"; keys under {parent or 'the root'}: {sorted(siblings)}" if isinstance(siblings, DictConfig) else ""
             raise _fail(where, f"'{key}' does not exist in the composed training config{hint}")
-        if isinstance(current, (DictConfig, ListConfig)) and domain.kind not in ("grid", "choice"):
-            raise _fail(where, f"'{key}' is a {'section' if isinstance(current, DictConfig) else 'list'}, "
-                               f"a {domain.kind} range needs a number")
+        if isinstance(current, DictConfig):
+            raise _fail(where, f"'{key}' is a config section; sweep one of its values, e.g. "
+                               f"{key}.{next(iter(current), 'KEY')}")
+        if isinstance(current, ListConfig) and domain.kind not in ("grid", "choice"):
+            raise _fail(where, f"'{key}' is a list; a {domain.kind} range needs a number")
         if domain.is_numeric_range and current is not None and (isinstance(current, bool) or not isinstance(current, (int, float))):
             raise _fail(where, f"'{key}' is {current!r} ({type(current).__name__}); a {domain.kind} range needs a number")
         if domain.kind in ("grid", "choice") and isinstance(current, (int, float)) and not isinstance(current, bool):
