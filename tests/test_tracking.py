@@ -1,10 +1,17 @@
 """MLflow run lifecycle: config/params/tags/artifacts, batched metrics, resume, sweeps, outages."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import matplotlib
@@ -217,3 +224,80 @@ def test_auto_resume_continues_the_run_recorded_in_output_dir(tmp_path, store):
     second.start(cfg)
     second.end()
     assert second.run_id == first.run_id
+
+
+def _start_server(port: int, root: Path) -> subprocess.Popen:
+    """A real `mlflow server` in its own process group (its workers outlive a plain kill)."""
+    log_file = (root / f"server-{port}.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "art")],
+        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            break
+    _stop_server(proc)
+    pytest.fail(f"mlflow server did not come up; see {root}/server-{port}.log")
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
+
+
+@pytest.mark.slow
+def test_real_server_stopped_and_restarted_mid_run(tmp_path, monkeypatch):
+    """The outage users actually have: the server process dies and comes back on the same store."""
+    from vitscale.tracking import resolve_weights
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("VITSCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_server(port, tmp_path)
+    try:
+        cfg = _cfg(tmp_path, uri, retries=1, retry_interval_s=0.2, flush_interval_s=0)
+        del cfg["tracking"]["artifact_dir"]
+        tracker = make_tracker(cfg, 0)
+        tracker.start(cfg)
+        for step in range(5):
+            tracker.log_metrics({"loss": float(step)}, step)
+        assert tracker.pending == 0 and tracker.run_id
+        _stop_server(server)
+
+        for step in range(5, 10):
+            tracker.log_metrics({"loss": float(step)}, step)
+        export = tmp_path / "export"
+        export.mkdir()
+        (export / "model.safetensors").write_bytes(b"not-really-weights")
+        (export / "model_config.json").write_text("{}")
+        assert tracker.register(export, "vit-server", step=10, metrics={"eval/top1": 0.5},
+                                best_metric="eval/top1") is None  # queued while down
+        assert tracker.pending >= 6 and tracker.failures >= 1
+
+        server = _start_server(port, tmp_path)
+        time.sleep(0.3)  # past the retry interval
+        tracker.log_metrics({"loss": 10.0}, 10)
+        assert tracker.pending == 0
+        tracker.end()
+        client = MlflowClient(uri)
+        assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == list(range(11))
+        assert client.get_run(tracker.run_id).info.status == "FINISHED"
+        resolved = resolve_weights("models:/vit-server@best", tracking_uri=uri)
+        assert resolved.version == "1" and (resolved / "model.safetensors").read_bytes() == b"not-really-weights"
+    finally:
+        _stop_server(server)

@@ -255,7 +255,8 @@ class MlflowTracker(Tracker):
 
     def _client_or_create(self) -> MlflowClient:
         if self._client is None:
-            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.settings.registry_uri)
+            self._client = MlflowClient(tracking_uri=self.tracking_uri,
+                                        registry_uri=self.settings.registry_uri or self.tracking_uri)
         return self._client
 
     def _experiment_id(self, client: MlflowClient) -> str:

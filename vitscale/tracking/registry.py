@@ -243,6 +243,8 @@ def resolve_weights(
         return ResolvedWeights(path, text)
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
+    # Without an explicit registry URI MLflow falls back to the *global* one, not this tracking URI.
+    registry_uri = registry_uri or tracking_uri
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
     if isinstance(parsed, ModelURI):
         try:
@@ -256,14 +258,16 @@ def resolve_weights(
                 raise
             what = f"alias {parsed.alias!r}" if parsed.alias else f"version {parsed.version}"
             raise LookupError(f"registered model {parsed.name!r} has no {what} "
-                              f"(registry at {registry_uri or tracking_uri}): {_one_line(exc)}") from None
+                              f"(registry at {registry_uri}): {_one_line(exc)}") from None
         sub = f"/{parsed.subpath}" if parsed.subpath else ""
         # run ids are globally unique, so two stores with a "v1" of the same name never share a cache entry
         leaf = f"v{mv.version}-{(mv.run_id or 'norun')[:12]}{_safe(sub)}"
         final = Path(dst) if dst else _cache_root() / "models" / _safe(parsed.name) / leaf
+        # Download from the version's artifact location rather than a models:/ URI: MLflow resolves
+        # models:/ against the process-global registry, ignoring the registry_uri passed in.
+        source = client.get_model_version_download_uri(parsed.name, str(mv.version)).rstrip("/") + sub
         path = _download_once(lambda tmp: download_artifacts(
-            artifact_uri=f"models:/{parsed.name}/{mv.version}{sub}", dst_path=str(tmp),
-            tracking_uri=client.tracking_uri, registry_uri=registry_uri or tracking_uri), final)
+            artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri, registry_uri=registry_uri), final)
         check_export_dir(path)
         return ResolvedWeights(path, text, parsed.name, str(mv.version), mv.run_id)
 
