@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vitscale.engine.schedule import sync_lr_after_load
+
 log = logging.getLogger(__name__)
 TAG_PREFIX = "step_"
 
@@ -144,6 +146,7 @@ def load(engine: Any, ref: CheckpointRef, *, rank: int) -> tuple[dict[str, Any],
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load checkpoint {ref.path}")
+    sync_lr_after_load(engine)
     rank_file = ref.path / f"rank_{rank}.pt"
     if not rank_file.is_file():
         raise FileNotFoundError(

@@ -46,3 +46,17 @@ def scheduler_config(schedule: Any, base_lr: float, total_steps: int) -> dict[st
             "warmup_type": "linear",
         },
     }
+
+
+def sync_lr_after_load(engine: Any) -> None:
+    """Put the resumed schedule's LR back into the optimizer.
+
+    DeepSpeed's WarmupLR / WarmupDecayLR / WarmupCosineLR ``load_state_dict`` restore the iteration
+    count only; the optimizer keeps the LR set at construction (iteration -1, i.e. 0) until the next
+    ``step()``, so the first step after a resume would silently run at LR 0.
+    """
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is None or getattr(scheduler, "last_batch_iteration", -1) < 0:
+        return
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
+        group["lr"] = lr
