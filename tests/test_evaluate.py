@@ -155,6 +155,7 @@ def test_cli_on_an_export_alone(tmp_path):
     (export / "model_config.json").write_text(json.dumps(model.config))
     (export / "train_config.yaml").write_text("data:\n  mean: [0.5]\n  std: [0.5]\n")
     train = _write_shards(tmp_path / "shards", "train", 20, 2, seed=0)
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"num_classes": 4}))  # caps the few-shot pool
     val = _write_shards(tmp_path / "shards", "val", 10, 2, seed=1)
     out_json = tmp_path / "result.json"
     results = main(["--weights", str(export), "--train-shards", train, "--val-shards", val, "--shots", "1", "5",
@@ -164,3 +165,9 @@ def test_cli_on_an_export_alone(tmp_path):
     assert json.loads(out_json.read_text())["fewshot/1shot"] == results["fewshot/1shot"]
     with pytest.raises(SystemExit, match="--shots needs --train-shards"):
         main(["--weights", str(export), "--val-shards", val, "--shots", "1"])
+
+
+def test_extract_features_rejects_labels_beyond_num_classes():
+    batches = _batches(torch.zeros(4, 1), torch.tensor([0, 1, 2, 3]), 4)
+    with pytest.raises(ValueError, match="label 3 out of range for 2 classes"):
+        extract_features(lambda im: im, batches, max_per_class=1, num_classes=2)

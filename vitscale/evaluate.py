@@ -134,6 +134,9 @@ def extract_features(
         y = (y.argmax(dim=1) if y.ndim == 2 else y).long().cpu()
         keep = torch.ones_like(y, dtype=torch.bool)
         if max_per_class is not None and num_classes:
+            if len(y) and int(y.max()) >= len(seen):
+                raise ValueError(f"label {int(y.max())} out of range for {len(seen)} classes: pass the "
+                                 "dataset's class count (--num-classes)")
             for i, c in enumerate(y.tolist()):
                 keep[i] = seen[c] < max_per_class
                 seen[c] += int(keep[i])
@@ -227,6 +230,16 @@ def _normalisation(export_dir: Path, in_chans: int) -> tuple[tuple[float, ...], 
     return tuple(data.get("mean") or default), tuple(data.get("std") or default)
 
 
+def _manifest_num_classes(shards: str) -> int | None:
+    """Class count from data_tools' manifest.json beside the shards (the probe's dataset, which need
+    not be the one the model's head was trained on)."""
+    path = Path(shards.split("::")[0].split("{")[0]).parent / "manifest.json"
+    try:
+        return int(json.loads(path.read_text())["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vitscale.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", required=True, help="models:/NAME@alias, models:/NAME/V, runs:/ID[/path] or a dir")
@@ -237,7 +250,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--l2-reg", type=float, default=1.0, help="ridge penalty on whitened features")
     p.add_argument("--max-per-class", type=int, default=None,
                    help="few-shot pool per class (default 5 x max shots)")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the model's num_classes")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the few-shot dataset (default: manifest.json beside the train shards)")
     p.add_argument("--topk", action="store_true", help="also top-1/top-5 of the model's own head")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
@@ -269,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         top = evaluate_topk(lambda x: model(x.to(device)), loader(args.val_shards), device="cpu")
         results |= {f"eval/{k}": v for k, v in top.items()}
     if args.shots:
-        num_classes = args.num_classes or int(config.get("num_classes") or 0) or None
+        num_classes = args.num_classes or _manifest_num_classes(args.train_shards) or None
         pool = args.max_per_class or 5 * max(args.shots)
         features = lambda x: model.pre_logits(x.to(device))  # noqa: E731
         train_x, train_y = extract_features(features, loader(args.train_shards), max_per_class=pool,
