@@ -22,6 +22,7 @@ from launch.spec import ResourceSpec
 
 log = logging.getLogger(__name__)
 TRIAL_SLOT = "trial_slot"
+HEAD_NODE = "node:__internal_head__"  # Ray's marker resource of the head node (1.0 there)
 
 
 class ClusterResourceError(RuntimeError):
@@ -120,8 +121,13 @@ def start_ray(address: str | None, res: ResourceSpec, max_concurrent: int | None
     fit = check_trial_fits(cluster_nodes(), res, f"the cluster at {address}")
     slots = min(fit, max_concurrent) if max_concurrent else fit
     has_slots = ray.cluster_resources().get(TRIAL_SLOT, 0) >= 1
-    if getattr(ctx, "dashboard_url", None):
-        # The State API (placement-group cleanup) must find this cluster's dashboard, not another's.
-        os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://{ctx.dashboard_url}")
+    dashboard = getattr(ctx, "dashboard_url", None)
+    if dashboard and "RAY_API_SERVER_ADDRESS" not in runtime_env["env_vars"]:
+        # The State API (placement-group cleanup of stopped trials) must find this cluster's
+        # dashboard, not another Ray's on the same host: reconnect with its address in the job env.
+        runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://{dashboard}"
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{dashboard}"
+        ray.shutdown()
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
     log.info("attached to Ray at %s: %s; %d trial(s) at once", address, ray.cluster_resources(), slots)
     return slots, has_slots

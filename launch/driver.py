@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from launch.cluster import TRIAL_SLOT, check_trial_fits, local_capacity, resolve_address, start_ray
+from launch.cluster import HEAD_NODE, TRIAL_SLOT, check_trial_fits, local_capacity, resolve_address, start_ray
 from launch.spec import SweepSpec, check_reporting, parse_sweep, resolved_max_t, validate_against
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,9 @@ def run_sweep(cfg: DictConfig, address: str | None = None) -> SweepOutcome:
         if parent_run_id is not None:
             callbacks.append(make_child_closer(tracker.tracking_uri, str(cfg.tracking.experiment),
                                                parent_run_id, max_steps))
-        trial_resources = {"CPU": 0, TRIAL_SLOT: 1} if has_slot else {"CPU": 0}
+        # Tune refuses an all-zero request; without trial_slot, a sliver of the head node's marker
+        # resource (every cluster has it) places the light trial actors there, holding no CPU.
+        trial_resources = {"CPU": 0, TRIAL_SLOT: 1} if has_slot else {"CPU": 0, HEAD_NODE: 0.001}
         seed = spec.seed if spec.seed is not None else int(cfg.get("seed", 0))
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_resources),
