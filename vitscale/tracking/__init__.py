@@ -1,9 +1,11 @@
 """Experiment tracking (MLflow): the run, its metrics and artifacts, the model registry, URI resolution."""
-from vitscale.tracking.mlflow_tracker import MlflowTracker, NullTracker, Tracker, TrackingSettings, make_tracker
+from vitscale.tracking.base import NullTracker, Tracker
+from vitscale.tracking.mlflow_tracker import MlflowTracker, make_tracker
 from vitscale.tracking.registry import (
     RegisteredVersion, ResolvedCheckpoint, ResolvedWeights, register_export, resolve_resume, resolve_weights,
 )
 from vitscale.tracking.resilience import TrackingError
+from vitscale.tracking.settings import TrackingSettings
 from vitscale.tracking.uris import parse_uri, resolve_tracking_uri
 
 __all__ = [

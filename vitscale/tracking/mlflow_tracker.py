@@ -1,14 +1,12 @@
 """The training job's MLflow run: config, metrics, artifacts, figures and registered checkpoints.
 
-Rank 0 gets an MlflowTracker, every other rank a NullTracker, so the engine calls the same methods
-everywhere without `if rank == 0`. Nothing here may stop training: work that needs the server is queued
+Nothing here may stop training: work that needs the server is queued
 (run creation, params, tags, artifacts, registrations) or buffered (metrics) and sent when the server
 answers; see resilience.py for the retry policy. Metrics are sent in batches (MLflow's log_batch
 limits) every `flush_interval_s` so a step costs a list append, not a request.
 """
 from __future__ import annotations
 
-import abc
 import json
 import logging
 import os
@@ -16,7 +14,6 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,78 +22,19 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
+from vitscale.tracking.base import NullTracker, Tracker
 from vitscale.tracking.provenance import data_fingerprints, flatten_params, git_commit
 from vitscale.tracking.registry import (
     CHECKPOINT_ARTIFACT_DIR, OUTPUT_DIR_TAG, RegisteredVersion, check_export_dir, register_export,
 )
 from vitscale.tracking.resilience import Outcome, Resilient, RetryPolicy
-from vitscale.tracking.uris import (
-    DEFAULT_ARTIFACT_DIR, RunURI, is_local_store, parse_uri, resolve_tracking_uri,
-)
+from vitscale.tracking.settings import RUN_ID_FILE, TrackingSettings, to_container
+from vitscale.tracking.uris import is_local_store, resolve_tracking_uri
 
 log = logging.getLogger("vitscale.tracking")
 TRIAL_TAG = "vitscale.trial_id"
-RUN_ID_FILE = "run_id"  # output_dir/tracking/run_id: lets `resume=auto` continue the same run
 PARENT_TAG = "mlflow.parentRunId"
 _BAD_KEY_CHARS = re.compile(r"[^\w\-./ ]")
-
-
-@dataclass
-class TrackingSettings:
-    """`cfg.tracking` keys (all optional); see docs/tracking.md."""
-
-    enabled: bool = True
-    uri: str | None = None
-    registry_uri: str | None = None
-    experiment: str = "vitscale"
-    run_name: str | None = None
-    run_id: str | None = None  # re-open this run (resume); `resume=runs:/ID` sets it too
-    parent_run_id: str | None = None  # sweeps: the driver's run
-    trial_id: str | None = None  # sweeps: a restarted trial re-attaches to the run carrying this tag
-    artifact_dir: str = DEFAULT_ARTIFACT_DIR  # local stores only; a server decides for itself
-    strict: bool = False
-    retries: int = 3
-    backoff_s: float = 0.25
-    retry_interval_s: float = 30.0
-    flush_interval_s: float = 10.0
-    max_buffered_metrics: int = 1_000_000
-    http_timeout_s: int = 10
-    # Read by the engine, which decides when to export: the model name and how often to register.
-    register_name: str | None = None
-    register_every: int = 0
-    best_metric: str = "eval/top1"  # moves the `best` alias; best_mode says which direction is better
-    best_mode: str = "max"
-
-    @classmethod
-    def from_mapping(cls, tracking: Mapping[str, Any] | None, resume: str | None = None,
-                     output_dir: str | None = None) -> TrackingSettings:
-        """`resume=runs:/ID` re-opens that run; `resume=auto` re-opens the run recorded in output_dir
-        when output_dir also holds a checkpoint to resume from (the engine's auto-resume rule)."""
-        tracking = dict(tracking or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(tracking) - known)
-        if unknown:
-            raise ValueError(f"unknown tracking.* keys {unknown}; expected some of {sorted(known)}")
-        settings = cls(**{k: v for k, v in tracking.items() if v is not None})
-        if resume and not settings.run_id:
-            if str(resume) == "auto":
-                if output_dir and (Path(output_dir) / "checkpoints" / "latest").is_file():
-                    recorded = Path(output_dir) / "tracking" / RUN_ID_FILE
-                    settings.run_id = recorded.read_text().strip() if recorded.is_file() else None
-            elif isinstance(parsed := parse_uri(resume), RunURI):
-                settings.run_id = parsed.run_id
-        return settings
-
-
-def _to_container(cfg: Any) -> dict[str, Any]:
-    """Resolved plain dict from a DictConfig or Mapping."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
-        pass
-    return dict(cfg or {})
 
 
 def _metric_key(key: str) -> str:
@@ -106,93 +44,6 @@ def _metric_key(key: str) -> str:
 def _chunks(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
-
-
-class Tracker(abc.ABC):
-    """What the training loop may ask of experiment tracking (rank 0 real, other ranks no-op)."""
-
-    run_id: str | None = None
-
-    @abc.abstractmethod
-    def start(self, cfg: Any, ds_config: Mapping[str, Any] | None = None,
-              tags: Mapping[str, str] | None = None) -> None:
-        """Open (or re-open, on resume) the run and record config, DeepSpeed config and provenance."""
-
-    @abc.abstractmethod
-    def log_params(self, params: Mapping[str, Any]) -> None: ...
-
-    @abc.abstractmethod
-    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
-
-    @abc.abstractmethod
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Buffered; sent in batches. Non-numeric values are a caller bug and raise TypeError."""
-
-    @abc.abstractmethod
-    def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
-        """A file or a whole directory; the path must still exist when the server next answers."""
-
-    @abc.abstractmethod
-    def log_figure(self, fig: Any, name: str) -> Path | None:
-        """Save a matplotlib figure as PNG (kept locally too) and log it under figures/."""
-
-    @abc.abstractmethod
-    def log_checkpoint(self, checkpoint_root: str | Path, tag: str) -> None:
-        """Upload DeepSpeed checkpoint `<root>/<tag>` so resume works without the training disk."""
-
-    @abc.abstractmethod
-    def register(self, export_dir: str | Path, name: str, *, step: int | None = None,
-                 metrics: Mapping[str, float] | None = None, best_metric: str | None = None,
-                 mode: str = "max", aliases: Iterable[str] = (),
-                 tags: Mapping[str, str] | None = None) -> RegisteredVersion | None:
-        """Register a consolidated export; None if it was queued (server down) or on a non-zero rank."""
-
-    @abc.abstractmethod
-    def flush(self) -> bool:
-        """Send everything pending now; True when nothing is left."""
-
-    @abc.abstractmethod
-    def end(self, status: str = "FINISHED") -> None: ...
-
-    def __enter__(self) -> Tracker:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.end("FAILED" if exc_type else "FINISHED")
-
-
-class NullTracker(Tracker):
-    """Ranks other than 0, and `tracking.enabled=false`: accepts every call and does nothing."""
-
-    def start(self, cfg, ds_config=None, tags=None) -> None:
-        pass
-
-    def log_params(self, params) -> None:
-        pass
-
-    def set_tags(self, tags) -> None:
-        pass
-
-    def log_metrics(self, metrics, step) -> None:
-        pass
-
-    def log_artifact(self, path, subdir=None) -> None:
-        pass
-
-    def log_figure(self, fig, name) -> None:
-        return None
-
-    def log_checkpoint(self, checkpoint_root, tag) -> None:
-        pass
-
-    def register(self, export_dir, name, **kwargs) -> None:
-        return None
-
-    def flush(self) -> bool:
-        return True
-
-    def end(self, status="FINISHED") -> None:
-        pass
 
 
 class MlflowTracker(Tracker):
@@ -220,7 +71,7 @@ class MlflowTracker(Tracker):
     # ------------------------------------------------------------------------------------ run lifecycle
     def start(self, cfg: Any, ds_config: Mapping[str, Any] | None = None,
               tags: Mapping[str, str] | None = None) -> None:
-        container = _to_container(cfg)
+        container = to_container(cfg)
         self._started = True
         self._run_tags = self._provenance_tags(container) | {k: str(v) for k, v in (tags or {}).items()}
         config_dir = self.local_dir / "config"
@@ -491,7 +342,7 @@ def make_tracker(cfg: Any, rank: int = 0) -> Tracker:
     defaults (7 retries, exponential backoff, 120 s timeout) would stall a step for minutes when the
     server is down; our own retry/buffer layer takes over.
     """
-    container = _to_container(cfg)
+    container = to_container(cfg)
     settings = TrackingSettings.from_mapping(container.get("tracking"), resume=container.get("resume"),
                                              output_dir=container.get("output_dir"))
     if rank != 0 or not settings.enabled:
