@@ -116,6 +116,18 @@ def test_resolve_errors_are_one_clear_line(tmp_path, store):
         tracker.register(tmp_path / "half", "vit-err")
 
 
+def test_register_without_the_best_metric_still_publishes(tmp_path, store, caplog):
+    tracker = _started_tracker(tmp_path, store)
+    version = tracker.register(_export(tmp_path / "exp", 1.0), "vit-noeval", step=3, metrics={"loss": 0.7},
+                               best_metric="eval/top1")
+    tracker.end()
+    assert version is not None and version.aliases == ("latest",)
+    assert "without moving 'best'" in caplog.text
+    assert resolve_weights("models:/vit-noeval@latest").version == "1"
+    with pytest.raises(LookupError, match="has no alias 'best'"):
+        resolve_weights("models:/vit-noeval@best")
+
+
 def test_resolve_weights_local_forms(tmp_path):
     export = _export(tmp_path / "out" / "export" / "step_5", 5.0)
     assert resolve_weights(export).path == export

@@ -249,7 +249,9 @@ class MlflowTracker(Tracker):
                  mode: str = "max", aliases: Iterable[str] = (),
                  tags: Mapping[str, str] | None = None) -> RegisteredVersion | None:
         export_dir = Path(export_dir).resolve()
-        check_export_dir(export_dir)  # a caller bug: raise now, not in a queued call later
+        check_export_dir(export_dir)  # caller bugs raise now, not in a queued call later
+        if mode not in ("max", "min"):
+            raise ValueError(f"register mode must be 'max' or 'min', got {mode!r}")
         aliases = tuple(aliases)
         metrics = dict(metrics or {})
 

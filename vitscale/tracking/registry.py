@@ -6,6 +6,7 @@ train_config.yaml), not an MLflow "logged model": any tool can read safetensors,
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -21,6 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from vitscale.tracking.uris import URI_FORMS, LocalURI, ModelURI, RunURI, parse_uri, resolve_tracking_uri
 
+log = logging.getLogger("vitscale.tracking")
 WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
 TRAIN_CONFIG_FILE = "train_config.yaml"
@@ -141,7 +143,10 @@ def register_export(
         raise ValueError(f"register mode must be 'max' or 'min', got {mode!r}")
     metrics = {k: float(v) for k, v in (metrics or {}).items()}
     if best_metric is not None and best_metric not in metrics:
-        raise ValueError(f"best_metric {best_metric!r} not among the metrics given ({sorted(metrics)})")
+        # e.g. a run without validation data: still publish the version, just do not rank it
+        log.warning("registering %s without moving '%s': metric %r not among %s", name, BEST_ALIAS,
+                    best_metric, sorted(metrics))
+        best_metric = None
     leaf = f"step_{step:08d}" if step is not None else export_dir.name
     artifact_path = f"{EXPORT_ARTIFACT_DIR}/{leaf}"
     client.log_artifacts(run_id, str(export_dir), artifact_path)
