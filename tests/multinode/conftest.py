@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from runs import Shards
 from twohosts import TwoHosts, remove_stale_namespaces
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,15 +55,23 @@ def two_hosts() -> Iterator[TwoHosts]:
         hosts.destroy()
 
 
+def _brace(folder: Path, split: str) -> str:
+    shards = sorted(folder.glob(f"fmnist-{split}-*.tar"))
+    assert len(shards) >= 2, f"data_tools wrote {len(shards)} {split} shards into {folder}; expected >= 2"
+    return str(folder / f"fmnist-{split}-{{000000..{len(shards) - 1:06d}}}.tar")
+
+
 @pytest.fixture(scope="session")
-def fmnist_shards(fashion_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Brace pattern of 4 shards of real Fashion-MNIST images (the 10k test split: quick to write),
-    written once per session by data_tools and shared by every run of the suite."""
+def fmnist_shards(fashion_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Shards:
+    """Real Fashion-MNIST shards written once per session by data_tools and shared by every run.
+
+    The 10k-image test split is enough for a few steps and quick to write; 10 % of it becomes the
+    validation shards (2 of them: one per rank, as finite evaluation needs).
+    """
     out = tmp_path_factory.mktemp("fmnist-shards")
     subprocess.run(
         [sys.executable, "-m", "data_tools.shard", "--src", str(fashion_mnist / "t10k-images-idx3-ubyte.gz"),
-         "--out", str(out), "--prefix", "fmnist", "--samples-per-shard", "2500", "--no-progress"],
-        check=True, cwd=REPO, timeout=120, capture_output=True)
-    shards = sorted(out.glob("fmnist-*.tar"))
-    assert len(shards) == 4, f"data_tools wrote {shards} into {out}"
-    return str(out / "fmnist-{000000..000003}.tar")
+         "--out", str(out), "--prefix", "fmnist", "--samples-per-shard", "500", "--val-fraction", "0.1",
+         "--no-progress"],
+        check=True, cwd=REPO, timeout=180, capture_output=True)
+    return Shards(train=_brace(out, "train"), val=_brace(out, "val"))

@@ -38,17 +38,24 @@ def deepspeed(
     ]
 
 
-def ray_head(*, addr: str, port: int, num_cpus: int, temp_dir: Path) -> list[str]:
-    """A Ray head that stays in the foreground (`--block`), so the harness owns its lifetime."""
+def ray_head(*, addr: str, port: int, num_cpus: int, temp_dir: Path, trial_slots: int = 1) -> list[str]:
+    """A Ray head that stays in the foreground (`--block`), so the harness owns its lifetime.
+
+    `trial_slot` is the custom resource launch/sweep.py's trials hold instead of a CPU (launch/cluster.py).
+    """
     return [
         "ray", "start", "--head", f"--node-ip-address={addr}", f"--port={port}", f"--num-cpus={num_cpus}",
-        f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats", "--block",
+        f'--resources={{"trial_slot": {trial_slots}}}', f"--temp-dir={temp_dir}", "--include-dashboard=false",
+        "--disable-usage-stats", "--block",
     ]
 
 
-def ray_worker(*, head: str, addr: str, num_cpus: int) -> list[str]:
-    """A Ray worker node joining `head` (host:port); its temp dir is the head's (Ray requires that)."""
+def ray_worker(*, head: str, addr: str, num_cpus: int, temp_dir: Path) -> list[str]:
+    """A Ray worker node joining `head` (host:port), in the foreground like the head.
+
+    Its own temp dir: on real machines /tmp/ray is per host; the namespace hosts share one /tmp.
+    """
     return [
         "ray", "start", f"--address={head}", f"--node-ip-address={addr}", f"--num-cpus={num_cpus}",
-        "--disable-usage-stats", "--block",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block",
     ]

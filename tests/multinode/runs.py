@@ -10,11 +10,22 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import launchers
 from twohosts import Host, Launch, TwoHosts
 
+
+@dataclass(frozen=True)
+class Shards:
+    """Brace patterns (WebDataset URL syntax) of the suite's shared shard set."""
+
+    train: str
+    val: str
+
+
+REPO = Path(__file__).resolve().parents[2]
 PROBED_TRAIN = Path(__file__).with_name("probed_train.py")
 # Seconds any one launch may take before `timeout` ends it; a run here takes 20-60 s on 2 busy cores.
 LAUNCH_TIMEOUT_S = 240
@@ -99,8 +110,9 @@ def assert_same_parameters(probes: Sequence[dict]) -> None:
 
 
 def metric_steps(output_dir: Path) -> list[int]:
-    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines if line.strip()]
+    """Steps of the training records in metrics.jsonl (evaluation records carry no loss)."""
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["step"] for r in records if "loss" in r]
 
 
 def latest_checkpoint_step(output_dir: Path) -> int | None:
@@ -115,4 +127,14 @@ def wait_for(path: Path, launches: Sequence[Launch], timeout_s: float) -> None:
         ended = [launch for launch in launches if launch.proc.poll() is not None]
         assert not ended, f"a launch ended before {path} appeared:\n" + "\n\n".join(l.describe() for l in launches)
         assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s} s"
+        time.sleep(0.2)
+
+
+def wait_for_text(launch: Launch, text: str, launches: Sequence[Launch], timeout_s: float) -> None:
+    """Until `launch`'s log contains `text`; fails early, with the logs, when a launch ends first."""
+    deadline = time.monotonic() + timeout_s
+    while text not in launch.log_text():
+        ended = [x for x in launches if x.proc.poll() is not None]
+        assert not ended, f"a launch ended before {text!r} appeared:\n" + "\n\n".join(x.describe() for x in launches)
+        assert time.monotonic() < deadline, f"{text!r} not in {launch.log} within {timeout_s} s"
         time.sleep(0.2)

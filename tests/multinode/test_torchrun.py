@@ -13,18 +13,18 @@ from twohosts import TwoHosts
 
 
 def test_torchrun_two_hosts_zero2_and_resume_across_layouts(
-        two_hosts: TwoHosts, fmnist_shards: str, tmp_path: Path) -> None:
+        two_hosts: TwoHosts, fmnist_shards: runs.Shards, tmp_path: Path) -> None:
     out, logs = tmp_path / "run", tmp_path / "logs"
 
     runs.wait_ok(runs.torchrun_two_hosts(
-        two_hosts, runs.train_overrides(fmnist_shards, out, max_steps=4), logs, "two-hosts"))
+        two_hosts, runs.train_overrides(fmnist_shards.train, out, max_steps=4), logs, "two-hosts"))
     probes = runs.rank_probes(out, step=4)
     runs.assert_one_rank_per_host(probes, two_hosts)
     runs.assert_same_parameters(probes)
     assert {p["launcher"] for p in probes} == {"torchrun"}
     assert runs.metric_steps(out) == [1, 2, 3, 4]
 
-    single = runs.torchrun_one_host(two_hosts.a, runs.train_overrides(fmnist_shards, out, max_steps=6),
+    single = runs.torchrun_one_host(two_hosts.a, runs.train_overrides(fmnist_shards.train, out, max_steps=6),
                                     logs, "one-host", port=two_hosts.next_port())
     runs.wait_ok([single])
     assert "resumed from" in single.log_text() and "at step 4" in single.log_text(), single.describe()
@@ -34,7 +34,7 @@ def test_torchrun_two_hosts_zero2_and_resume_across_layouts(
     assert runs.metric_steps(out) == [1, 2, 3, 4, 5, 6]
 
     launches = runs.torchrun_two_hosts(
-        two_hosts, runs.train_overrides(fmnist_shards, out, max_steps=8), logs, "two-hosts-again")
+        two_hosts, runs.train_overrides(fmnist_shards.train, out, max_steps=8), logs, "two-hosts-again")
     runs.wait_ok(launches)
     assert "at step 6" in launches[0].log_text(), launches[0].describe()
     probes = runs.rank_probes(out, step=8)
