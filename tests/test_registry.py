@@ -94,6 +94,24 @@ def test_register_moves_best_only_on_improvement_and_resolves(tmp_path, store):
     assert load_file(explicit / "model.safetensors")["head.weight"][0, 0].item() == 1.0
 
 
+def test_finetune_run_records_its_source_version(tmp_path, store):
+    source = _started_tracker(tmp_path, store)
+    source.register(_export(tmp_path / "exp0", 0.0), "vit-src", step=1)
+    source.register(_export(tmp_path / "exp1", 1.0), "vit-src", step=2, metrics={"eval/top1": 0.9},
+                    best_metric="eval/top1")
+    source.register(_export(tmp_path / "exp2", 2.0), "vit-src", step=3)
+    source.end()
+    cfg = {"output_dir": str(tmp_path / "ft"), "finetune": {"source": "models:/vit-src@best"},
+           "tracking": {"uri": store, "experiment": "reg"}}
+    finetune = make_tracker(cfg, 0)
+    finetune.start(cfg)
+    finetune.end()
+    tags = MlflowClient(store).get_run(finetune.run_id).data.tags
+    assert tags["finetune.source_uri"] == "models:/vit-src@best"
+    assert (tags["finetune.source_model"], tags["finetune.source_version"]) == ("vit-src", "2")
+    assert tags["finetune.source_run_id"] == source.run_id
+
+
 def test_resolve_errors_are_one_clear_line(tmp_path, store):
     tracker = _started_tracker(tmp_path, store)
     tracker.register(_export(tmp_path / "exp", 1.0), "vit-err", step=1)

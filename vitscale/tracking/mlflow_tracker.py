@@ -25,7 +25,7 @@ from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH
 from vitscale.tracking.base import NullTracker, Tracker
 from vitscale.tracking.provenance import data_fingerprints, flatten_params, git_commit
 from vitscale.tracking.registry import (
-    CHECKPOINT_ARTIFACT_DIR, OUTPUT_DIR_TAG, RegisteredVersion, check_export_dir, register_export,
+    CHECKPOINT_ARTIFACT_DIR, OUTPUT_DIR_TAG, RegisteredVersion, check_export_dir, register_export, source_lineage,
 )
 from vitscale.tracking.resilience import Outcome, Resilient, RetryPolicy
 from vitscale.tracking.settings import RUN_ID_FILE, TrackingSettings, to_container
@@ -86,6 +86,11 @@ class MlflowTracker(Tracker):
         self.log_params(flatten_params(container))
         for item in sorted(config_dir.iterdir()):
             self.log_artifact(item, "config")
+        finetune = container.get("finetune")
+        source = finetune.get("source") if isinstance(finetune, Mapping) else None
+        if source:  # lineage: the registered version / run this fine-tune starts from
+            self._enqueue("record fine-tune source", lambda rid: self._send_tags(
+                rid, source_lineage(self._client_or_create(), str(source))))
         self.flush()
 
     def _provenance_tags(self, container: Mapping[str, Any]) -> dict[str, str]:

@@ -177,6 +177,27 @@ def register_export(
     return RegisteredVersion(name, str(mv.version), run_id, source, tuple(applied))
 
 
+def source_lineage(client: MlflowClient, uri: str) -> dict[str, str]:
+    """Lineage tags for a fine-tune source without downloading it: which registered version
+    (an alias resolved now) or run the weights come from."""
+    parsed = parse_uri(uri)
+    tags = {"finetune.source_uri": str(uri)}
+    if isinstance(parsed, ModelURI):
+        if parsed.alias:
+            mv = client.get_model_version_by_alias(parsed.name, parsed.alias)
+        else:
+            version = _newest_version(client, parsed.name) if parsed.latest else parsed.version
+            mv = client.get_model_version(parsed.name, version)
+        tags |= {"finetune.source_model": parsed.name, "finetune.source_version": str(mv.version)}
+        if mv.run_id:
+            tags["finetune.source_run_id"] = mv.run_id
+    elif isinstance(parsed, RunURI):
+        tags["finetune.source_run_id"] = parsed.run_id
+    else:
+        tags["finetune.source_path"] = str(Path(parsed.path).resolve())
+    return tags
+
+
 # ---------------------------------------------------------------------------------------------- resolve
 def _cache_root() -> Path:
     return Path(os.environ.get("VITSCALE_CACHE", Path.home() / ".cache" / "vitscale"))
