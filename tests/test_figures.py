@@ -109,3 +109,29 @@ def test_read_metrics_names_the_bad_line(tmp_path):
     bad.write_text('{"step": 1, "loss": 1.0}\nnot json\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON object"):
         read_metrics(bad)
+
+
+def test_cli_draws_from_an_export_and_logs_to_a_run(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from safetensors.torch import save_file
+
+    from vitscale.figures import main
+    from vitscale.models import create_model
+
+    model = create_model("vit_ti16", img_size=28, patch_size=7, in_chans=1, num_classes=3, embed_dim=32,
+                         depth=2, num_heads=2)
+    export = tmp_path / "export"
+    export.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, export / "model.safetensors")
+    (export / "model_config.json").write_text(json.dumps(model.config))
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n')
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("fig", (tmp_path / "art").as_uri())).info.run_id
+    written = main(["--weights", str(export), "--metrics", str(metrics), "--out", str(tmp_path / "figs"),
+                    "--run-id", run_id])
+    assert {p.name for p in written} == {"training_curves.png", "patch_embedding_pcs.png",
+                                         "position_embedding_similarity.png"}  # no --shards: no attention
+    assert {f.path for f in client.list_artifacts(run_id, "figures")} == {f"figures/{p.name}" for p in written}

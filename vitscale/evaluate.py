@@ -218,7 +218,7 @@ def load_model(weights: str, device: torch.device) -> tuple[torch.nn.Module, dic
     return model.to(device).eval(), config, resolved
 
 
-def _normalisation(export_dir: Path, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def training_normalisation(export_dir: Path, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The mean/std the model was trained with (train_config.yaml's data.mean/std), else 0.5."""
     default = (0.5,) * in_chans
     path = export_dir / "train_config.yaml"
@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     device = torch.device(args.device)
     model, config, resolved = load_model(args.weights, device)
     in_chans, img_size = int(config["in_chans"]), config["img_size"]
-    mean, std = _normalisation(resolved.path, in_chans)
+    mean, std = training_normalisation(resolved.path, in_chans)
 
     def loader(urls: str):
         return build_eval_loader(urls, batch_size=args.batch_size, rank=0, world_size=1, img_size=img_size,

@@ -1,5 +1,8 @@
 """Pictures of a run: training curves, and the paper's Figure 7 panels for a trained ViT.
 
+    python -m vitscale.figures --weights models:/vit@best --shards 'test-{000000..000001}.tar' \
+        --metrics outputs/run/metrics.jsonl --out figures/ [--run-id RUN_ID]
+
 Figure 7 (Dosovitskiy et al. 2020) shows what a ViT learned: (left) the first principal components of
 the patch-embedding filters, (centre) the cosine similarity of each position embedding with every
 other, laid out on the patch grid, (right) the mean attention distance of every head against depth,
@@ -8,6 +11,7 @@ plotting only draws them. Everything renders with matplotlib's Agg backend (no d
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -188,14 +192,17 @@ def plot_training_curves(records: Sequence[Mapping[str, Any]]) -> Figure:
 
 
 # ------------------------------------------------------------------------------------------ bundles
-def model_figures(model: torch.nn.Module, images: torch.Tensor) -> dict[str, Figure]:
-    """The Figure 7 panels that apply to `model` (a hybrid's stem filters are not RGB: no PCs)."""
+def model_figures(model: torch.nn.Module, images: torch.Tensor | None = None) -> dict[str, Figure]:
+    """The Figure 7 panels that apply: filter PCs only when the embedding sees pixels (a hybrid's
+    projection sees ResNet features), attention distance only when images are given."""
     figures: dict[str, Figure] = {}
     proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-    if isinstance(proj, torch.nn.Conv2d) and proj.in_channels == images.shape[1]:
+    if isinstance(proj, torch.nn.Conv2d) and proj.in_channels in (1, 3):
         figures["patch_embedding_pcs"] = plot_patch_embedding_components(proj.weight)
     figures["position_embedding_similarity"] = plot_position_embedding_similarity(
         model.pos_embed, model.grid_size, model.num_prefix_tokens)
+    if images is None:
+        return figures
     was_training = model.training
     model.eval()
     try:
@@ -221,3 +228,61 @@ def log_run_figures(tracker: Any, *, model: torch.nn.Module | None = None, image
         tracker.log_figure(fig, name)
         plt.close(fig)
     return list(figures)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _first_images(shards: str, config: Mapping[str, Any], export_dir: Path, count: int) -> torch.Tensor:
+    from vitscale.data import build_eval_loader
+    from vitscale.evaluate import training_normalisation
+
+    in_chans = int(config["in_chans"])
+    mean, std = training_normalisation(export_dir, in_chans)
+    loader = build_eval_loader(shards, batch_size=count, rank=0, world_size=1, img_size=config["img_size"],
+                               in_chans=in_chans, num_workers=0, mean=mean, std=std)
+    for batch in loader:
+        return batch["image"]
+    raise ValueError(f"--shards {shards!r} yielded no images")
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """Draw the figures of a checkpoint (and its metrics.jsonl) into --out, optionally into a run."""
+    p = argparse.ArgumentParser(prog="python -m vitscale.figures", description="Figure 7 panels and curves")
+    p.add_argument("--weights", help="models:/NAME@alias, models:/NAME/V, runs:/ID[/path] or an export dir")
+    p.add_argument("--shards", help="images for the attention-distance panel (e.g. the validation shards)")
+    p.add_argument("--num-images", type=int, default=16)
+    p.add_argument("--metrics", type=Path, help="metrics.jsonl for the training curves")
+    p.add_argument("--out", type=Path, default=Path("figures"))
+    p.add_argument("--run-id", help="also log the PNGs to this MLflow run under figures/")
+    args = p.parse_args(argv)
+    if not args.weights and not args.metrics:
+        p.error("give --weights and/or --metrics")
+    figures: dict[str, Figure] = {}
+    if args.metrics:
+        figures["training_curves"] = plot_training_curves(read_metrics(args.metrics))
+    if args.weights:
+        from vitscale.evaluate import load_model
+
+        model, config, resolved = load_model(args.weights, torch.device("cpu"))
+        images = _first_images(args.shards, config, resolved.path, args.num_images) if args.shards else None
+        figures |= model_figures(model, images)
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fig in figures.items():
+        path = args.out / f"{name}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+        print(path)
+    if args.run_id:
+        from mlflow import MlflowClient
+
+        from vitscale.tracking import resolve_tracking_uri
+
+        client = MlflowClient(resolve_tracking_uri())
+        for path in written:
+            client.log_artifact(args.run_id, str(path), "figures")
+    return written
+
+
+if __name__ == "__main__":
+    main()
