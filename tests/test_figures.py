@@ -103,6 +103,17 @@ def test_run_figures_render_and_are_logged(tmp_path):
     for path in tracker.logged.values():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
 
+    from safetensors.torch import save_file
+
+    from vitscale.figures import log_export_figures
+
+    export = tmp_path / "export"
+    export.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, export / "model.safetensors")
+    (export / "model_config.json").write_text(json.dumps(model.config))
+    assert set(log_export_figures(_RecordingTracker(tmp_path), export, images=images)) == {
+        "patch_embedding_pcs", "position_embedding_similarity", "attention_distance"}
+
 
 def test_read_metrics_names_the_bad_line(tmp_path):
     bad = tmp_path / "metrics.jsonl"

@@ -222,12 +222,23 @@ def log_run_figures(tracker: Any, *, model: torch.nn.Module | None = None, image
     figures: dict[str, Figure] = {}
     if metrics_path is not None and Path(metrics_path).is_file():
         figures["training_curves"] = plot_training_curves(read_metrics(metrics_path))
-    if model is not None and images is not None:
+    if model is not None:
         figures |= model_figures(model, images)
     for name, fig in figures.items():
         tracker.log_figure(fig, name)
         plt.close(fig)
     return list(figures)
+
+
+def log_export_figures(tracker: Any, export_dir: str | Path, *, images: torch.Tensor | None = None,
+                       metrics_path: str | Path | None = None) -> list[str]:
+    """`log_run_figures` for a consolidated export: rank 0 rebuilds the model on CPU from the export, so
+    this works after ZeRO-3 training too (whose live parameters are partitioned across ranks)."""
+    from vitscale.evaluate import load_model
+
+    model, _, _ = load_model(str(export_dir), torch.device("cpu"))
+    return log_run_figures(tracker, model=model, images=None if images is None else images.float().cpu(),
+                           metrics_path=metrics_path)
 
 
 # --------------------------------------------------------------------------------------------- CLI
