@@ -163,6 +163,9 @@ def test_cli_on_an_export_alone(tmp_path):
     assert results["eval/count"] == 40.0 and 0.0 <= results["eval/top1"] <= 1.0
     assert results["fewshot/5shot"] > 0.5  # brightness survives a random ViT: well above 0.25 chance
     assert json.loads(out_json.read_text())["fewshot/1shot"] == results["fewshot/1shot"]
+    only_top = main(["--weights", str(export), "--val-shards", val, "--topk", "--prefix", "test_"])
+    assert only_top["test_top1"] == results["eval/top1"] and set(only_top) == {
+        "test_top1", "test_top5", "test_loss", "test_count"}
     with pytest.raises(SystemExit, match="--shots needs --train-shards"):
         main(["--weights", str(export), "--val-shards", val, "--shots", "1"])
 

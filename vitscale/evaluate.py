@@ -256,6 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prefix", default="eval/", help="name prefix of the top-k metrics (e.g. test_ -> test_top1)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--run-id", help="log the results as metrics to this MLflow run")
     return p
@@ -281,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     results: dict[str, float] = {}
     if args.topk:
         top = evaluate_topk(lambda x: model(x.to(device)), loader(args.val_shards), device="cpu")
-        results |= {f"eval/{k}": v for k, v in top.items()}
+        results |= {f"{args.prefix}{k}": v for k, v in top.items()}
     if args.shots:
         num_classes = args.num_classes or _manifest_num_classes(args.train_shards) or None
         pool = args.max_per_class or 5 * max(args.shots)
