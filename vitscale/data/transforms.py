@@ -32,21 +32,24 @@ def derive_seed(*parts: int) -> int:
 
 
 @contextmanager
-def seeded_rngs(seed: int) -> Iterator[None]:
-    """Seed torch's CPU generator, `random` and numpy's global state; restore them on exit.
-
-    Only the CPU generator: `torch.manual_seed` would also reseed every CUDA generator.
+def seeded_rngs(seed: int, python_and_numpy: bool = True) -> Iterator[None]:
+    """Seed torch's CPU generator (and `random` and numpy's global state unless the caller knows
+    nothing draws from them: saving and seeding those costs more than the crop itself);
+    restore them on exit. Only the CPU generator: `torch.manual_seed` would also reseed CUDA's.
     """
-    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch_state = torch.get_rng_state()
     torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed & 0xFFFFFFFF)
+    if python_and_numpy:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
     try:
         yield
     finally:
         torch.set_rng_state(torch_state)
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+        if python_and_numpy:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def _crop_box_in(decoded: np.ndarray, full: tuple[int, int], box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
@@ -85,7 +88,7 @@ class TrainTransform:
     def __call__(self, data: bytes, ext: str, seed: int) -> torch.Tensor:
         """Encoded bytes -> uint8 (C, img_size, img_size)."""
         full = image_size(data, ext)
-        with seeded_rngs(seed):
+        with seeded_rngs(seed, python_and_numpy=self.randaugment is not None):  # timm RA draws from both
             box = RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(1, full[1], full[0]),
                                                list(self.aug.scale), list(self.aug.ratio))
             flip = self.aug.hflip > 0 and torch.rand(1).item() < self.aug.hflip
