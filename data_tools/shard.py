@@ -174,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shard: {manifest['num_samples']} images in {len(plans)} shards ({nbytes / 1e6:.1f} MB) -> {out}; "
           f"{rejected} rejected (errors.jsonl); this run wrote {written} images in {len(todo)} shards "
           f"({len(plans) - len(todo)} already complete) at {written / max(elapsed, 1e-9):.0f} images/s")
+    planned = {p.name for p in plans}
+    stale = sorted(p.name for p in out.glob("*.tar") if p.name not in planned)
+    if stale:
+        print(f"warning: {len(stale)} tar file(s) in {out} are not part of this plan (an earlier run with other "
+              f"options?) and not in manifest.json: {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}",
+              file=sys.stderr)
     lock.close()
     return 0
 

@@ -221,3 +221,16 @@ def test_kill9_then_rerun_equals_uninterrupted(foolbox_data: Path, tmp_path: Pat
     assert tar_bytes(tmp_path / "killed") == tar_bytes(tmp_path / "clean")
     assert not list((tmp_path / "killed").glob("*.tmp-*"))
     assert (tmp_path / "killed" / "manifest.json").read_text() == (tmp_path / "clean" / "manifest.json").read_text()
+
+
+def test_rerun_reuses_matching_shards_and_rewrites_changed_ones(corpus: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    m = shard(corpus, tmp_path, "--samples-per-shard", "16")
+    first = tar_bytes(tmp_path)
+    capsys.readouterr()
+    shard(corpus, tmp_path, "--samples-per-shard", "16")
+    assert f"({m['num_shards']} already complete)" in capsys.readouterr().out
+    shard(corpus, tmp_path, "--samples-per-shard", "40")
+    captured = capsys.readouterr()
+    assert "(0 already complete)" in captured.out and "not part of this plan" in captured.err
+    assert tar_bytes(tmp_path)["data-000000.tar"] != first["data-000000.tar"]
