@@ -192,3 +192,13 @@ def test_shards_without_samples_fail_instead_of_hanging(tmp_path: Path, shards: 
         pass
     with pytest.raises(RuntimeError, match="gave no usable sample"):
         take(loader(data_cfg(shards, train_shards=[str(tmp_path / "empty.tar")])), 1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_iterating_leaves_the_global_torch_rng_alone(shards: dict, num_workers: int) -> None:
+    """A resumed run must keep the training process's RNG stream (dropout) where it was."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    take(loader(data_cfg(shards, num_workers=num_workers)), 2)
+    assert torch.equal(torch.rand(3), expected)

@@ -74,7 +74,7 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.bad_shards = []
         loader = DataLoader(self.reader, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
         for item in loader:
             if "_bad_shard" in item:
                 self.bad_shards.append(item["_bad_shard"])

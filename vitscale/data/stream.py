@@ -147,8 +147,11 @@ class TrainLoader:
             img_size=self.img_size, in_chans=self.in_chans, positions=dict(self.positions),
             rotation=self.next_worker)
         workers = self.cfg.num_workers
+        # Own generator: DataLoader would otherwise draw worker base seeds from the global torch RNG,
+        # shifting the training process's dropout stream on every resume.
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                            prefetch_factor=2 if workers else None, persistent_workers=False)
+                            prefetch_factor=2 if workers else None, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(self.seed))
         for item in loader:
             worker = item.pop("_worker")
             self.positions[worker] = tuple(item.pop("_pos"))
