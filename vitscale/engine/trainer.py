@@ -8,6 +8,7 @@ loop: any object with some of ``on_log(metrics, step)``, ``on_eval(metrics, step
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -80,7 +81,8 @@ class Trainer:
             self._close(clean)
 
     # ------------------------------------------------------------------ set-up
-    def _setup(self) -> None:
+    def setup(self) -> None:
+        """Model, DeepSpeed engine, loss, metrics and tracker (no data): the benchmark reuses it."""
         import deepspeed
 
         cfg, info = self.cfg, self.dist
@@ -139,26 +141,32 @@ class Trainer:
             self.loader.load_state_dict(data_state)
         return iter(self.loader)
 
-    def _resume(self) -> dict[str, Any] | None:
-        """Load the checkpoint ``resume`` names; returns the data-stream state (None: fresh start)."""
+    def _resume(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """Load the checkpoint ``resume`` names -> (data-stream state, RNG state); (None, None): fresh."""
         assert self.dist is not None
         ref = ckpt.resolve(self.cfg.resume, self.output_dir)
         if ref is None:
-            return None
+            return None, None
         client, rank_state = ckpt.load(self.engine, ref, rank=self.dist.rank)
         self.step = int(client["step"])
         self.nan_skips = int(client.get("nan_skips", 0))
-        ckpt.set_rng_state(rank_state["rng"])
         log.info("resumed from %s at step %d", ref.path, self.step)
-        return rank_state.get("data")
+        return rank_state.get("data"), rank_state["rng"]
 
     # ------------------------------------------------------------------ loop
     def _fit(self) -> dict[str, Any]:
-        self._setup()
-        batches = self._build_loader(self._resume())
+        self.setup()
+        data_state, rng = self._resume()
+        batches = self._build_loader(data_state)
+        # Starting the loader draws its DataLoader base seed from torch's global RNG, once, at the
+        # first batch: start it, then restore the checkpoint's RNG, so a resumed run's dropout
+        # stream continues exactly where the interrupted one stopped.
+        first = next(batches)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
         from vitscale.engine.loop import run_loop
 
-        return run_loop(self, batches)
+        return run_loop(self, itertools.chain([first], batches))
 
     def save_checkpoint(self, metrics: dict[str, Any] | None = None) -> ckpt.CheckpointRef:
         assert self.dist is not None

@@ -1,0 +1,120 @@
+"""Training-step throughput: vitscale's Trainer step under DeepSpeed (one rank) vs. timm in plain torch.
+
+Both sides train the same architecture (vitscale's ViT and timm's VisionTransformer with the same
+width, depth, heads, patch and image size) with the same batch, AdamW, clipping at norm 1 and the same
+torch thread count, on in-memory batches so the input pipeline is out of the picture. The two are
+timed in alternating rounds within one run (the machine may be shared); the best round of each is
+compared. Goal: ratio >= 0.95.
+
+    python benchmarks/bench_train_step.py [--batch 32] [--rounds 5] [--steps 5] [--zero 0]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ARCH = dict(img_size=64, patch_size=8, in_chans=3, embed_dim=192, depth=6, num_heads=3, num_classes=100)
+
+
+def vitscale_step(batch: int, zero: int) -> Callable[[], None]:
+    """One Trainer step (vitscale.engine.loop.train_step) on a DeepSpeed engine of one rank."""
+    from hydra import compose, initialize_config_dir
+
+    from vitscale.engine.distributed import init_distributed
+    from vitscale.engine.loop import train_step
+    from vitscale.engine.metrics import StepTimer
+    from vitscale.engine.trainer import Trainer
+
+    overrides = [f"model.{k}={v}" for k, v in ARCH.items() if k != "num_classes"]
+    overrides += [
+        "model=vit_ti16", f"data.num_classes={ARCH['num_classes']}", f"deepspeed=zero{zero}",
+        f"trainer.global_batch_size={batch}", f"trainer.micro_batch_size={batch}", "trainer.precision=fp32",
+        "optim=adam_pretrain", "optim.lr=1e-4", "optim.schedule.name=constant", "tracking.enabled=false",
+        "trainer.peak_flops=1", "output_dir=/tmp/vitscale-bench",
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    trainer = Trainer(cfg)
+    trainer.dist = init_distributed()
+    trainer.setup()
+    images = torch.randn(batch, ARCH["in_chans"], ARCH["img_size"], ARCH["img_size"])
+    labels = torch.randint(0, ARCH["num_classes"], (batch,))
+
+    def batches():
+        while True:
+            yield {"image": images, "label": labels}
+
+    stream, timer = batches(), StepTimer()
+    trainer.engine.train()
+    return lambda: train_step(trainer, stream, timer) and None
+
+
+def timm_step(batch: int) -> Callable[[], None]:
+    """The same architecture as timm's VisionTransformer, trained by a plain torch loop."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(**ARCH, global_pool="token", class_token=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.1)
+    images = torch.randn(batch, ARCH["in_chans"], ARCH["img_size"], ARCH["img_size"])
+    labels = torch.randint(0, ARCH["num_classes"], (batch,))
+    model.train()
+
+    def step() -> None:
+        loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(loss)
+
+    return step
+
+
+def best_rate(step: Callable[[], None], steps: int, batch: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ours, theirs = vitscale_step(args.batch, args.zero), timm_step(args.batch)
+    for step in (ours, theirs):  # warm-up: allocator, thread pool, DeepSpeed's first-step set-up
+        for _ in range(3):
+            step()
+    rates: dict[str, list[float]] = {"vitscale": [], "timm": []}
+    for _ in range(args.rounds):
+        rates["vitscale"].append(best_rate(ours, args.steps, args.batch))
+        rates["timm"].append(best_rate(theirs, args.steps, args.batch))
+    a, b = max(rates["vitscale"]), max(rates["timm"])
+    print(f"model: ViT {ARCH} | batch {args.batch} | threads {args.threads} | ZeRO-{args.zero} | fp32 CPU")
+    print(f"vitscale (Trainer step, DeepSpeed, 1 rank): {a:8.1f} images/s (rounds: "
+          + ", ".join(f"{r:.1f}" for r in rates["vitscale"]) + ")")
+    print(f"timm VisionTransformer, plain torch loop:  {b:8.1f} images/s (rounds: "
+          + ", ".join(f"{r:.1f}" for r in rates["timm"]) + ")")
+    print(f"ratio vitscale / timm: {a / b:.3f} (goal >= 0.95)")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
