@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -75,6 +76,7 @@ def test_run_records_config_metrics_artifacts_and_provenance(tmp_path, store):
     tracker.start(cfg, ds_config={"zero_optimization": {"stage": 2}}, tags={"purpose": "unit"})
     for step in range(2500):  # more than one log_batch (1000 metrics) worth
         tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+    tracker.log_metrics({"grad_norm": float("nan"), "scale": float("inf"), "note": "text", "none": None}, 2500)
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
     png = tracker.log_figure(fig, "curves")
@@ -91,6 +93,8 @@ def test_run_records_config_metrics_artifacts_and_provenance(tmp_path, store):
     assert run.data.tags["purpose"] == "unit"
     assert run.data.tags["vitscale.output_dir"] == str(tmp_path / "out")
     assert "mlflow.source.git.commit" in run.data.tags or shutil.which("git") is None
+    assert math.isnan(run.data.metrics["grad_norm"]) and run.data.metrics["scale"] >= 1e308  # MLflow clamps inf
+    assert "note" not in run.data.metrics and "none" not in run.data.metrics  # skipped, with a warning
     history = client.get_metric_history(tracker.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(2500))
     artifacts = {f.path for d in ("config", "figures") for f in client.list_artifacts(tracker.run_id, d)}

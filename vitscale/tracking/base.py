@@ -31,7 +31,7 @@ class Tracker(abc.ABC):
 
     @abc.abstractmethod
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Buffered; sent in batches. Non-numeric values are a caller bug and raise TypeError."""
+        """Buffered; sent in batches. NaN/inf are kept; non-numeric values are skipped with a warning."""
 
     @abc.abstractmethod
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:

@@ -61,6 +61,7 @@ class MlflowTracker(Tracker):
         self._pending: deque[tuple[str, Callable[[str], Any]]] = deque()
         self._metrics: list[Metric] = []
         self._dropped_metrics = 0
+        self._skipped_keys: set[str] = set()
         self._last_flush = clock()
         self._existing_params: dict[str, str] = {}
         self._run_tags: dict[str, str] = {}
@@ -276,7 +277,14 @@ class MlflowTracker(Tracker):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now_ms = int(time.time() * 1000)
         for key, value in metrics.items():
-            self._metrics.append(Metric(_metric_key(key), float(value), now_ms, int(step)))
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                if key not in self._skipped_keys:  # once per key: a caller bug must not stop training
+                    self._skipped_keys.add(key)
+                    log.warning("MLflow tracking: metric %r is not a number (%r); not logged", key, value)
+                continue
+            self._metrics.append(Metric(_metric_key(key), number, now_ms, int(step)))
         overflow = len(self._metrics) - self.settings.max_buffered_metrics
         if overflow > 0:
             if self._dropped_metrics == 0:
