@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -77,11 +78,7 @@ class MlflowTracker(Tracker):
         self._run_tags = self._provenance_tags(container) | {k: str(v) for k, v in (tags or {}).items()}
         config_dir = self.local_dir / "config"
         config_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            import yaml
-            (config_dir / "config.yaml").write_text(yaml.safe_dump(container, sort_keys=False))
-        except ImportError:  # pragma: no cover - PyYAML comes with hydra/omegaconf
-            (config_dir / "config.json").write_text(json.dumps(container, indent=2, default=str))
+        (config_dir / "config.yaml").write_text(yaml.safe_dump(container, sort_keys=False))
         if ds_config is not None:
             (config_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2, default=str))
         self.log_params(flatten_params(container))
