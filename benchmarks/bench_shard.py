@@ -4,7 +4,7 @@ Corpus: foolbox's 20 real ImageNet JPEGs copied into an ImageFolder tree of --fi
 copies: tar would store hard links as links). Page cache is warmed first, so both sides read
 from memory and the ratio compares the writers. Goal: ratio >= 0.7.
 
-    .venv/bin/python benchmarks/bench_shard.py [--files 3000] [--repeats 2]
+    .venv/bin/python benchmarks/bench_shard.py [--files 3000] [--repeats 3] [--workers 1]
 """
 from __future__ import annotations
 
@@ -39,19 +39,22 @@ def build_tree(root: Path, files: int, per_class: int = 100) -> int:
     return total
 
 
-def best_of(repeats: int, fn) -> float:
-    times = []
+def best_of_interleaved(repeats: int, *fns) -> list[float]:
+    """Best time of each function, run alternately so a load change on a shared machine hits
+    both contenders alike."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=3000)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=1, help="sharder processes (tar is one process)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_shard_") as tmp:
@@ -68,8 +71,7 @@ def main() -> None:
             assert shard_main(["--src", str(src), "--out", str(out), "--no-progress", "--workers", str(args.workers),
                                "--samples-per-shard", "1000"]) == 0
 
-        t_tar = best_of(args.repeats, run_tar)
-        t_shard = best_of(args.repeats, run_shard)
+        t_tar, t_shard = best_of_interleaved(args.repeats, run_tar, run_shard)
     mb = nbytes / 1e6
     print(f"corpus: {args.files} JPEGs, {mb:.0f} MB (page cache warm), best of {args.repeats}")
     print(f"tar cf:                 {t_tar:6.2f} s  {args.files / t_tar:8.0f} img/s  {mb / t_tar:7.0f} MB/s")

@@ -3,10 +3,14 @@
 Both sides run in one process on the same images: foolbox's 20 real ImageNet JPEGs (512 px and
 up) sharded --copies times. The baseline only decodes (same decoder: simplejpeg when installed)
 bytes already in memory; the stream also reads the tars, shuffles, crops, resizes, flips,
-batches and normalises. One DataLoader worker (num_workers=1, one torch thread like every worker)
-feeds the main process, so the stream figure is what one worker delivers. Goal >= 0.8x.
+batches. Two stream figures, both in-process on one torch thread (as in a DataLoader worker, and
+with no prefetching worker competing with the baseline's rounds):
+  per worker  - `TrainLoader.worker_dataset()`: exactly what one DataLoader worker produces
+                (uint8 batches); this is the figure the goal is about. Goal >= 0.8x.
+  end to end  - the loader with num_workers=0: worker work + the main process's float
+                normalisation (done once per batch in the main process whatever the worker count).
 
-    .venv/bin/python benchmarks/bench_stream.py [--copies 20] [--batches 20]
+    .venv/bin/python benchmarks/bench_stream.py [--copies 20] [--batches 20] [--rounds 4]
 """
 from __future__ import annotations
 
@@ -30,8 +34,9 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=20, help="copies of the 20 JPEGs (default 400 images)")
     p.add_argument("--batches", type=int, default=20, help="batches of 32 timed on the stream")
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=4, help="alternating rounds of decode / stream timing")
     args = p.parse_args()
-    torch.set_num_threads(1)  # as in a DataLoader worker; the main process only normalises
+    torch.set_num_threads(1)  # as in a DataLoader worker
     batch = 32
     with tempfile.TemporaryDirectory(prefix="bench_stream_") as tmp:
         src, out = Path(tmp) / "src", Path(tmp) / "shards"
@@ -43,30 +48,37 @@ def main() -> None:
         urls = sorted(str(u) for u in out.glob("*.tar"))
         raw = [s["jpg"] for u in urls for s in iter_raw_samples(u)]
 
-        n_decode = batch * args.batches
-        for data in raw[:20]:  # warm-up
-            decode_image(data, "jpg", 3)
-        start = time.perf_counter()
-        for i in range(n_decode):
-            decode_image(raw[i % len(raw)], "jpg", 3)
-        decode_rate = n_decode / (time.perf_counter() - start)
-
-        cfg = {"train_shards": urls, "num_classes": 1, "num_workers": 1, "shuffle_buffer": 100,
+        cfg = {"train_shards": urls, "num_classes": 1, "num_workers": 0, "shuffle_buffer": 100,
                "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
                "augment": {"scale": [0.08, 1.0], "ratio": [0.75, 1.3333], "hflip": True}}
-        loader = iter(build_train_loader(cfg, batch_size=batch, rank=0, world_size=1, seed=0,
-                                         img_size=args.img_size, in_chans=3))
-        next(loader)  # warm-up: worker start, first shard open
-        start = time.perf_counter()
-        for _ in range(args.batches):
-            next(loader)
-        stream_rate = n_decode / (time.perf_counter() - start)
+        train = build_train_loader(cfg, batch_size=batch, rank=0, world_size=1, seed=0,
+                                   img_size=args.img_size, in_chans=3)
+        contenders = {"decode": None, "worker": iter(train.worker_dataset()), "end to end": iter(train)}
+        for it in (contenders["worker"], contenders["end to end"]):
+            next(it)  # warm-up: first shard open
+        for data in raw[:20]:
+            decode_image(data, "jpg", 3)
+        # Alternate rounds of all three so a load change on a shared machine hits them alike; best round wins.
+        per_round = max(1, args.batches // args.rounds)
+        n = batch * per_round
+        rate = dict.fromkeys(contenders, 0.0)
+        for r in range(args.rounds):
+            for name, it in contenders.items():
+                start = time.perf_counter()
+                if it is None:
+                    for i in range(n):
+                        decode_image(raw[(r * n + i) % len(raw)], "jpg", 3)
+                else:
+                    for _ in range(per_round):
+                        next(it)
+                rate[name] = max(rate[name], n / (time.perf_counter() - start))
     print(f"images: {len(raw)} real ImageNet JPEGs in {len(urls)} shards; decoder: "
-          f"{'simplejpeg' if simplejpeg is not None else 'Pillow'}; {args.batches} batches of {batch}")
-    print(f"bare decode loop:              {decode_rate:7.0f} img/s")
-    print(f"stream (crop+flip {args.img_size}px, 1 worker): {stream_rate:7.0f} img/s")
-    print(f"ratio stream/decode: {stream_rate / decode_rate:.2f}x (goal >= 0.8x)")
-
+          f"{'simplejpeg' if simplejpeg is not None else 'Pillow'}; {args.rounds} alternating rounds of {per_round} batches of {batch}, best round")
+    print(f"bare decode loop:                       {rate['decode']:7.0f} img/s")
+    print(f"stream per worker (crop+flip {args.img_size}px):      {rate['worker']:7.0f} img/s   "
+          f"ratio {rate['worker'] / rate['decode']:.2f}x (goal >= 0.8x)")
+    print(f"stream end to end (+ normalise, 0 workers): {rate['end to end']:7.0f} img/s   "
+          f"ratio {rate['end to end'] / rate['decode']:.2f}x")
 
 if __name__ == "__main__":
     main()

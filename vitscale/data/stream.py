@@ -141,11 +141,16 @@ class TrainLoader:
         self.batches = 0
         self.bad_shards = 0
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        dataset = _TrainShardStream(
+    def worker_dataset(self) -> IterableDataset:
+        """What each DataLoader worker iterates, from the current position: uint8 batches plus
+        bookkeeping keys. Exposed for benchmarks and debugging; training iterates the loader."""
+        return _TrainShardStream(
             self.cfg.train_shards, self.cfg, batch_size=self.batch_size, rank=self.rank, seed=self.seed,
             img_size=self.img_size, in_chans=self.in_chans, positions=dict(self.positions),
             rotation=self.next_worker)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dataset = self.worker_dataset()
         workers = self.cfg.num_workers
         # Own generator: DataLoader would otherwise draw worker base seeds from the global torch RNG,
         # shifting the training process's dropout stream on every resume.
