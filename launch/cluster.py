@@ -89,6 +89,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def check_dashboard_available() -> None:
+    """The embedded Ray needs its dashboard (State API) or stopped trials leak their CPUs."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401  (Ray's own test for a dashboard install)
+    except ImportError:
+        raise ClusterResourceError(
+            "the embedded Ray needs its dashboard (Ray Train frees an ASHA-stopped trial's placement group "
+            "through the State API): pip install 'ray[default,tune,train]'") from None
+
+
 def resolve_address(cli_address: str | None) -> str | None:
     """`--address` wins, then RAY_ADDRESS; None means start an embedded Ray on this machine."""
     address = cli_address or os.environ.get("RAY_ADDRESS") or None

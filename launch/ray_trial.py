@@ -17,7 +17,7 @@ import re
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,7 +46,6 @@ class TrialPlan:
     max_failures: int
     parent_run_id: str | None
     launch_cwd: str
-    env_vars: dict[str, str] = field(default_factory=dict)
 
 
 def forwarded_env(base_config: Mapping[str, Any]) -> dict[str, str]:

@@ -209,3 +209,13 @@ def test_fault_spec_parsing(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv(FAULT_ENV, "rank=1")
     with pytest.raises(ValueError, match=FAULT_ENV):
         FaultInjector.from_env(1)
+
+
+def test_cluster_yaml_is_a_valid_ray_cluster_config(repo_root: Path) -> None:
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((repo_root / "launch" / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # Ray's own schema and consistency checks (`ray up`)
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"]["trial_slot"] >= 1 and head["resources"]["CPU"] == 0
