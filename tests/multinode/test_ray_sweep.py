@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,13 @@ _WORKER_LINE = re.compile(r"\(RayTrainWorker pid=(\d+)(?:, ip=([\d.]+))?\)")
 
 
 @pytest.fixture
-def ray_temp_dirs(two_hosts: TwoHosts) -> list[Path]:
-    """Short paths: Ray puts unix sockets under them (108-byte limit), one per node."""
+def ray_temp_dirs(two_hosts: TwoHosts) -> Iterator[list[Path]]:
+    """One per node, short: Ray puts unix sockets under them (108-byte limit). Named after the
+    session's pid like the namespaces, so those of a killed session are recognised and removed."""
+    for stale in Path("/tmp").glob("vsr-*-*"):
+        owner = stale.name.split("-")[1]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
     dirs = [Path(f"/tmp/vsr-{host.name.removeprefix('vitscale-')}") for host in two_hosts.hosts]
     yield dirs
     two_hosts.kill_all()  # Ray's processes hold files open in these directories
@@ -80,8 +86,9 @@ def test_ray_sweep_trial_with_workers_on_both_hosts(
     a, b = two_hosts.hosts
     logs = tmp_path / "logs"
     head_addr = f"{a.addr}:{RAY_PORT}"
-    ray_env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": head_addr,
-               "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    # No token auth (nothing to distribute between the hosts) and an explicit cluster address: Ray
+    # would otherwise look for clusters in the process list, which the namespaces share.
+    ray_env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": head_addr}
     head = a.launch(launchers.ray_head(addr=a.addr, port=RAY_PORT, num_cpus=1, temp_dir=ray_temp_dirs[0]),
                     log=logs / "ray-head.log", timeout_s=400, env=ray_env)
     worker = b.launch(launchers.ray_worker(head=head_addr, addr=b.addr, num_cpus=1, temp_dir=ray_temp_dirs[1]),
