@@ -12,7 +12,6 @@ import itertools
 import logging
 import math
 import random
-import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
