@@ -120,12 +120,33 @@ def test_param_space_and_trial_overrides() -> None:
     assert isinstance(space["optim.lr"], Float) and isinstance(space["optim.weight_decay"], Categorical)
     assert space["model.drop_path"] == {"grid_search": [0.0, 0.1]}
     assert grid_size(spec) == 2 * spec.num_samples
-    # Interpolations that read a swept key follow it (trainer.num_workers: ${data.num_workers}).
-    trial = apply_params(cfg, {"data.num_workers": 3, "optim.lr": 1e-3})
-    assert trial.trainer.num_workers == 3 and trial.optim.lr == 1e-3 and cfg.optim.lr == 2e-3
+    # Interpolations that read a swept key follow it (finetune.num_classes: ${data.num_classes}).
+    trial = apply_params(cfg, {"data.num_classes": 3, "optim.lr": 1e-3})
+    assert trial.finetune.num_classes == 3 and trial.optim.lr == 1e-3 and cfg.optim.lr == 2e-3
     with pytest.raises(KeyError, match="optim.lrr"):
         apply_params(cfg, {"optim.lrr": 1})
     assert as_overrides({"optim.lr": 0.000123456789, "model.pool": "gap"}) == "model.pool=gap optim.lr=0.000123457"
+
+
+def test_trial_config_is_a_resolved_training_config(tmp_path: Path, monkeypatch) -> None:
+    from launch.ray_trial import TrialPlan, forwarded_env, trial_config
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    cfg = _demo()
+    base = OmegaConf.to_container(cfg, resolve=False)
+    env = forwarded_env(base)
+    # the config reads MLFLOW_TRACKING_URI through ${oc.env:...}: trials must see the driver's value
+    assert env["MLFLOW_TRACKING_URI"] == "http://tracking:5000" and "RAY_ADDRESS" not in env
+    plan = TrialPlan(base_config=base, sweep_name="demo", trials_dir=str(tmp_path / "trials"),
+                     storage_path=str(tmp_path / "ray"), num_workers=2, cpus_per_worker=1, gpus_per_worker=0,
+                     max_failures=1, parent_run_id="parent123", launch_cwd=str(tmp_path))
+    trial = trial_config(plan, {"optim.lr": 1e-3, "data.num_classes": 7}, "abc_00001")
+    assert "sweep" not in trial and trial["optim"]["lr"] == 1e-3 and trial["finetune"]["num_classes"] == 7
+    assert trial["output_dir"] == str(tmp_path / "trials" / "abc_00001") and trial["resume"] is None
+    assert trial["tracking"]["uri"] == "http://tracking:5000"
+    assert trial["tracking"]["parent_run_id"] == "parent123" and trial["tracking"]["trial_id"] == "abc_00001"
+    assert trial["tracking"]["register_name"] is None  # only the driver registers, the best trial
 
 
 def test_parse_rejects_missing_block() -> None:
