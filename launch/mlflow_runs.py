@@ -43,10 +43,7 @@ def open_parent(container: dict[str, Any], spec: SweepSpec) -> Any:
     space = {k: {d.kind: list(d.values)} for k, d in spec.search_space.items()}
     tags = {SWEEP_TAG: spec.name, "vitscale.sweep.metric": f"{spec.metric} ({spec.mode})",
             "vitscale.sweep.search_space": json.dumps(space, default=str), **spec.extra_tags}
-    tracker.start(container, None, tags=tags)
-    tracker.log_params({"sweep.num_samples": spec.num_samples, "sweep.metric": spec.metric,
-                        "sweep.mode": spec.mode, "sweep.scheduler": spec.scheduler.type,
-                        "sweep.num_workers": spec.resources.num_workers})
+    tracker.start(container, None, tags=tags)  # params: the base config, sweep.* included
     tracker.flush()
     if getattr(tracker, "tracking_uri", None) is not None and tracker.run_id is None:
         log.warning("MLflow parent run could not be opened (tracking server down?); trials will run "
