@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,33 +14,23 @@ from pathlib import Path
 import pytest
 
 from runs import Shards
-from twohosts import TwoHosts, remove_stale_namespaces
+from twohosts import TwoHosts, namespaces_unavailable, remove_stale_namespaces
 
 REPO = Path(__file__).resolve().parents[2]
 _counter = itertools.count()
 
 
-def _why_not_runnable() -> str | None:
-    if os.geteuid() != 0:
-        return "multinode tests need root to create network namespaces (run `make test-multinode` as root)"
-    if shutil.which("ip") is None:
-        return "multinode tests need iproute2's `ip` to create network namespaces"
-    return None
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    reason = _why_not_runnable()
-    for item in items:
-        if "tests/multinode/" in str(item.path).replace(os.sep, "/"):
-            item.add_marker(pytest.mark.multinode)
-            if reason:
-                item.add_marker(pytest.mark.skip(reason=reason))
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _no_stale_namespaces() -> None:
-    """Namespaces from an earlier run that was SIGKILLed (so its finalizers never ran) go first."""
-    if _why_not_runnable() is None:
+    ours = [item for item in items if "tests/multinode/" in str(item.path).replace(os.sep, "/")]
+    if not ours:
+        return
+    reason = namespaces_unavailable()
+    for item in ours:
+        item.add_marker(pytest.mark.multinode)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=f"multinode: {reason}"))
+    if reason is None:
+        # Namespaces of an earlier session that was SIGKILLed (its finalizers never ran) go first.
         remove_stale_namespaces()
 
 
@@ -69,9 +58,10 @@ def fmnist_shards(fashion_mnist: Path, tmp_path_factory: pytest.TempPathFactory)
     validation shards (2 of them: one per rank, as finite evaluation needs).
     """
     out = tmp_path_factory.mktemp("fmnist-shards")
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "data_tools.shard", "--src", str(fashion_mnist / "t10k-images-idx3-ubyte.gz"),
          "--out", str(out), "--prefix", "fmnist", "--samples-per-shard", "500", "--val-fraction", "0.1",
          "--no-progress"],
-        check=True, cwd=REPO, timeout=180, capture_output=True)
+        cwd=REPO, timeout=180, capture_output=True, text=True)
+    assert done.returncode == 0, f"data_tools.shard failed:\n{done.stdout}\n{done.stderr}"
     return Shards(train=_brace(out, "train"), val=_brace(out, "val"))

@@ -16,6 +16,7 @@ import atexit
 import itertools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +34,26 @@ _PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_pr
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True, timeout=30)
+    """Run `ip ARGS`; with `check`, a failure raises one line naming the command and ip's own error."""
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"`ip {' '.join(args)}` failed: {done.stderr.strip() or done.returncode}")
+    return done
+
+
+def namespaces_unavailable() -> str | None:
+    """Why this machine cannot create network namespaces (not root, no iproute2, no CAP_SYS_ADMIN), or None."""
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces (run `make test-multinode` as root)"
+    if shutil.which("ip") is None:
+        return "needs iproute2's `ip` to create network namespaces"
+    probe = f"{NAMESPACE_PREFIX}{os.getpid()}-probe"
+    try:
+        _ip("netns", "add", probe)
+    except RuntimeError as err:
+        return f"cannot create network namespaces here: {err}"
+    _ip("netns", "del", probe, check=False)
+    return None
 
 
 def list_namespaces() -> list[str]:
