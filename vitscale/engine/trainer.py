@@ -102,8 +102,8 @@ class Trainer:
 
         self.flops_per_image = 2.0 * flops_per_image(model)  # MACs -> FLOPs
         self.tokens_per_image = int(math.prod(model.grid_size)) + int(model.num_prefix_tokens)
+        model.to(info.device)  # before the optimizer: fused CUDA AdamW checks its parameters' device
         optimizer = build_optimizer(model, cfg.optim, device=info.device, offload=offloads_optimizer(cfg))
-        model.to(info.device)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
                                                     dist_init_required=False)
         self.loss_fn = build_loss(str(tc.loss))
