@@ -7,6 +7,7 @@ its last step versus the step budget.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ def results_table(result_grid: Any, spec: SweepSpec, max_steps: int) -> Any:
     rows = []
     for result in result_grid:
         metrics = dict(result.metrics or {})
-        trial_id = metrics.get("trial_id") or Path(str(result.path)).name
+        trial_id = metrics.get("trial_id") or _trial_id_from_path(str(result.path))
         step = metrics.get("step")
         row: dict[str, Any] = {
             "trial_id": trial_id,
@@ -43,6 +44,13 @@ def results_table(result_grid: Any, spec: SweepSpec, max_steps: int) -> Any:
         ascending = spec.mode == "min"
         frame = frame.sort_values(spec.metric, ascending=ascending, na_position="last").reset_index(drop=True)
     return frame
+
+
+def _trial_id_from_path(path: str) -> str:
+    """A trial that failed before its first report has no metrics; its directory name
+    (`run_trial_<experiment>_<index>_...`) still carries the id."""
+    match = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(path).name)
+    return match.group(1) if match else Path(path).name
 
 
 def last_checkpoint_path(result: Any) -> str | None:
