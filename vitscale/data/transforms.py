@@ -15,7 +15,8 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from vitscale.data.config import AugmentConfig
@@ -32,23 +33,23 @@ def derive_seed(*parts: int) -> int:
 
 
 @contextmanager
-def seeded_rngs(seed: int, python_and_numpy: bool = True) -> Iterator[None]:
-    """Seed torch's CPU generator (and `random` and numpy's global state unless the caller knows
-    nothing draws from them: saving and seeding those costs more than the crop itself);
-    restore them on exit. Only the CPU generator: `torch.manual_seed` would also reseed CUDA's.
+def seeded_rngs(seed: int, numpy: bool = True) -> Iterator[None]:
+    """Seed torch's CPU generator, `random` and (unless the caller knows nothing draws from it:
+    saving it costs more than a crop) numpy's global state; restore them all on exit.
+    Only the CPU generator: `torch.manual_seed` would also reseed every CUDA generator.
     """
-    torch_state = torch.get_rng_state()
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    np_state = np.random.get_state() if numpy else None
     torch.default_generator.manual_seed(seed)
-    if python_and_numpy:
-        py_state, np_state = random.getstate(), np.random.get_state()
-        random.seed(seed)
+    random.seed(seed)
+    if numpy:
         np.random.seed(seed & 0xFFFFFFFF)
     try:
         yield
     finally:
         torch.set_rng_state(torch_state)
-        if python_and_numpy:
-            random.setstate(py_state)
+        random.setstate(py_state)
+        if np_state is not None:
             np.random.set_state(np_state)
 
 
@@ -67,7 +68,7 @@ def _chw(array: np.ndarray) -> torch.Tensor:
 
 
 class TrainTransform:
-    """RandomResizedCrop + horizontal flip (+ timm RandAugment), deterministic given a seed.
+    """RandomResizedCrop (timm's sampler) + horizontal flip (+ timm RandAugment), deterministic given a seed.
 
     The crop box is drawn from the header size before decoding, so a JPEG is decoded only at the
     smallest DCT scale that still leaves the crop at least `img_size` pixels on each side (same
@@ -88,10 +89,11 @@ class TrainTransform:
     def __call__(self, data: bytes, ext: str, seed: int) -> torch.Tensor:
         """Encoded bytes -> uint8 (C, img_size, img_size)."""
         full = image_size(data, ext)
-        with seeded_rngs(seed, python_and_numpy=self.randaugment is not None):  # timm RA draws from both
-            box = RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(1, full[1], full[0]),
-                                               list(self.aug.scale), list(self.aug.ratio))
-            flip = self.aug.hflip > 0 and torch.rand(1).item() < self.aug.hflip
+        with seeded_rngs(seed, numpy=self.randaugment is not None):  # timm RA draws from numpy too
+            # timm's sampler (Python `random`, as timm trains): torchvision's costs ~10 tensor ops.
+            box = RandomResizedCropAndInterpolation.get_params(
+                torch.empty(1, 1, 1).expand(1, full[1], full[0]), self.aug.scale, self.aug.ratio)
+            flip = self.aug.hflip > 0 and random.random() < self.aug.hflip
             min_size = None
             if self.dct_scaling:
                 min_size = (-(-full[0] * self.size // box[3]), -(-full[1] * self.size // box[2]))
@@ -103,7 +105,7 @@ class TrainTransform:
                 img = F.horizontal_flip(img)
             if self.randaugment is not None:
                 img = F.pil_to_tensor(self.randaugment(F.to_pil_image(img)))
-        return img.contiguous()
+        return img  # channels-last strides: the batch's torch.stack makes the one copy
 
 
 class EvalTransform:
