@@ -123,7 +123,7 @@ class EvalTransform:
         short = min(w, h)
         decoded = decode_image(data, ext, self.in_chans, (-(-w * self.resize // short), -(-h * self.resize // short)))
         img = F.resize(_chw(decoded), [self.resize], InterpolationMode.BILINEAR, antialias=True)
-        return F.center_crop(img, [self.size, self.size]).contiguous()
+        return F.center_crop(img, [self.size, self.size])  # a view: torch.stack makes the copy
 
 
 class Normalizer:
