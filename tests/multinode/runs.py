@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,21 +120,21 @@ def latest_checkpoint_step(output_dir: Path) -> int | None:
     return int(marker.read_text().strip().removeprefix("step_")) if marker.is_file() else None
 
 
-def wait_for(path: Path, launches: Sequence[Launch], timeout_s: float) -> None:
-    """Until `path` exists; fails early, with the logs, when a launch ends first."""
+def _wait_until(ready: Callable[[], bool], what: str, launches: Sequence[Launch], timeout_s: float) -> None:
+    """Poll `ready`; fail early, with every log, when a launch ends first (it would never come)."""
     deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        ended = [launch for launch in launches if launch.proc.poll() is not None]
-        assert not ended, f"a launch ended before {path} appeared:\n" + "\n\n".join(l.describe() for l in launches)
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s} s"
+    while not ready():
+        ended = [x for x in launches if x.proc.poll() is not None]
+        assert not ended, f"a launch ended before {what}:\n" + "\n\n".join(x.describe() for x in launches)
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
         time.sleep(0.2)
+
+
+def wait_for(path: Path, launches: Sequence[Launch], timeout_s: float) -> None:
+    """Until `path` exists (a rank wrote it) while `launches` run."""
+    _wait_until(path.exists, f"{path}", launches, timeout_s)
 
 
 def wait_for_text(launch: Launch, text: str, launches: Sequence[Launch], timeout_s: float) -> None:
-    """Until `launch`'s log contains `text`; fails early, with the logs, when a launch ends first."""
-    deadline = time.monotonic() + timeout_s
-    while text not in launch.log_text():
-        ended = [x for x in launches if x.proc.poll() is not None]
-        assert not ended, f"a launch ended before {text!r} appeared:\n" + "\n\n".join(x.describe() for x in launches)
-        assert time.monotonic() < deadline, f"{text!r} not in {launch.log} within {timeout_s} s"
-        time.sleep(0.2)
+    """Until `launch`'s log contains `text` while `launches` run."""
+    _wait_until(lambda: text in launch.log_text(), f"{text!r} in {launch.log}", launches, timeout_s)

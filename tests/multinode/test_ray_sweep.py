@@ -75,7 +75,7 @@ def zero2_ranks_agree(tag_dir: Path) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     merged = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")["module"]
+    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")["module"]
     assert sorted(merged) == sorted(module)
     for name, value in merged.items():
         torch.testing.assert_close(module[name].float(), value, rtol=0, atol=0, msg=name)
