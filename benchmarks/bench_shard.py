@@ -4,7 +4,7 @@ Corpus: foolbox's 20 real ImageNet JPEGs copied into an ImageFolder tree of --fi
 copies: tar would store hard links as links). Page cache is warmed first, so both sides read
 from memory and the ratio compares the writers. Goal: ratio >= 0.7.
 
-    .venv/bin/python benchmarks/bench_shard.py [--files 3000] [--repeats 3] [--workers 1]
+    .venv/bin/python benchmarks/bench_shard.py [--files 3000] [--repeats 3] [--workers 1] [--samples-per-shard 500]
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--files", type=int, default=3000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=1, help="sharder processes (tar is one process)")
+    p.add_argument("--samples-per-shard", type=int, default=500)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_shard_") as tmp:
         tmpdir = Path(tmp)
@@ -69,7 +70,7 @@ def main() -> None:
             out = tmpdir / "shards"
             shutil.rmtree(out, ignore_errors=True)
             assert shard_main(["--src", str(src), "--out", str(out), "--no-progress", "--workers", str(args.workers),
-                               "--samples-per-shard", "1000"]) == 0
+                               "--samples-per-shard", str(args.samples_per_shard)]) == 0
 
         t_tar, t_shard = best_of_interleaved(args.repeats, run_tar, run_shard)
     mb = nbytes / 1e6
