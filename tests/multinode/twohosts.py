@@ -75,22 +75,27 @@ def _signal_pids(pids: Iterable[int], sig: int) -> None:
             pass
 
 
-def kill_namespace_processes(name: str, grace_s: float = 3.0) -> None:
-    """SIGTERM everything inside the namespace, then SIGKILL what is still there after `grace_s`."""
-    pids = namespace_pids(name)
+def kill_namespace_processes(*names: str, grace_s: float = 3.0) -> None:
+    """SIGTERM everything inside the namespaces, then SIGKILL what is still there after `grace_s`
+    (one grace period for all of them: Ray's daemons, for one, take it in full)."""
+
+    def alive() -> list[int]:
+        return [pid for name in names for pid in namespace_pids(name)]
+
+    pids = alive()
     if not pids:
         return
     _signal_pids(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        pids = namespace_pids(name)
+        pids = alive()
         if not pids:
             return
         time.sleep(0.1)
-    while pids:  # a process can fork while we kill; loop until the namespace is empty
+    while pids:  # a process can fork while we kill; loop until the namespaces are empty
         _signal_pids(pids, signal.SIGKILL)
         time.sleep(0.1)
-        pids = namespace_pids(name)
+        pids = alive()
 
 
 def delete_namespace(name: str) -> None:
@@ -188,13 +193,21 @@ class Host:
 
     def kill_all(self) -> None:
         """Stop every process in the namespace (launched here or detached daemons they started)."""
+        self.terminate_launches()
+        kill_namespace_processes(self.name)
+        self.reap_launches()
+
+    def terminate_launches(self) -> None:
+        """SIGTERM each launch's process group (the `timeout` wrapper and what it started)."""
         for launch in self.launches:
             if launch.proc.poll() is None:
                 try:
                     os.killpg(launch.proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        kill_namespace_processes(self.name)
+
+    def reap_launches(self) -> None:
+        """Collect the exit status of every launch, so none lingers as a zombie of the test process."""
         for launch in self.launches:
             try:
                 launch.proc.wait(timeout=15)
@@ -266,8 +279,12 @@ class TwoHosts:
         return self
 
     def kill_all(self) -> None:
+        """Like Host.kill_all for both hosts, with one shared grace period."""
         for host in self.hosts:
-            host.kill_all()
+            host.terminate_launches()
+        kill_namespace_processes(self.a.name, self.b.name)
+        for host in self.hosts:
+            host.reap_launches()
 
     def destroy(self) -> None:
         """Idempotent: kill everything in both namespaces, then delete them (the veth pair goes too)."""
