@@ -34,8 +34,10 @@ def test_hosts_reach_each_other_only_over_the_veth(two_hosts: TwoHosts, tmp_path
         time.sleep(0.1)
     assert server.wait() == 0, server.describe()
     assert f"peer {a.addr}" in server.log_text()
-    routes = subprocess.run(["ip", "-n", a.name, "route"], capture_output=True, text=True, check=True)
-    assert "default" not in routes.stdout, f"namespace {a.name} must have no route out: {routes.stdout}"
+    for host in two_hosts.hosts:  # the veth subnet is the only destination besides loopback
+        routes = subprocess.run(["ip", "-n", host.name, "-4", "route"], capture_output=True, text=True,
+                                check=True).stdout.splitlines()
+        assert [r.split()[0] for r in routes] == ["10.77.0.0/24"], f"{host.name} routes: {routes}"
 
 
 def test_gloo_ranks_on_both_hosts_agree(two_hosts: TwoHosts, tmp_path: Path) -> None:
