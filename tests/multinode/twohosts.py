@@ -29,8 +29,12 @@ from types import FrameType
 NAMESPACE_PREFIX = "vitscale-"
 SUBNET_PREFIX = "10.77.0."
 IFNAME = "eth0"
-# Variables that could route traffic to a proxy outside the namespaces; they are never passed on.
-_PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+# Never passed on from the test process: proxies (traffic outside the namespaces) and the rendezvous
+# variables of any job the tests themselves run under (each launch sets its own).
+_DROPPED_VARS = frozenset({
+    "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
+    "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "RAY_ADDRESS",
+})
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -150,7 +154,7 @@ class Host:
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment every rank on this host gets: gloo bound to the veth, no proxies."""
-        env = {k: v for k, v in os.environ.items() if k not in _PROXY_VARS}
+        env = {k: v for k, v in os.environ.items() if k not in _DROPPED_VARS}
         env.update(
             GLOO_SOCKET_IFNAME=IFNAME,
             NO_PROXY="*",
