@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the val split and the sample shuffle")
     p.add_argument("--no-shuffle", action="store_true",
                    help="keep listing order (ImageFolder order makes class-pure shards: avoid for training)")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="skip the fsync before each shard's rename: still atomic and resumable after a crash or "
+                        "kill -9 of this process, but a power loss or OS crash may leave shards that "
+                        "`python -m data_tools.verify` rejects (delete them and rerun)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -130,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except SourceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    opts = WriteOptions(args.check, args.resize_short_side, args.reencode, args.quality)
-    options = {**asdict(opts), "samples_per_shard": args.samples_per_shard,
+    opts = WriteOptions(args.check, args.resize_short_side, args.reencode, args.quality, fsync=not args.no_fsync)
+    # Only what changes the shard bytes goes into the manifest and the plan digest (fsync does not).
+    options = {**{k: v for k, v in asdict(opts).items() if k != "fsync"}, "samples_per_shard": args.samples_per_shard,
                "max_shard_bytes": int(args.max_shard_bytes), "val_fraction": args.val_fraction,
                "seed": args.seed, "shuffle": not args.no_shuffle, "prefix": args.prefix}
     try:

@@ -3,6 +3,7 @@ made here, and real Fashion-MNIST IDX data when installed."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -21,6 +22,7 @@ from PIL import Image
 
 from data_tools.shard import main as shard_main
 from data_tools.sources import read_idx
+from data_tools.tarstream import HashedFile, TarStreamWriter
 
 BAD_INPUTS = {
     "notes.txt": "not an image",
@@ -74,7 +76,9 @@ def sharded(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
 
 def test_byte_identical_for_any_worker_count(corpus: Path, sharded: tuple[Path, dict], tmp_path: Path) -> None:
     out1, manifest1 = sharded
-    manifest2 = shard(corpus, tmp_path, "--samples-per-shard", "16", "--workers", "2", "--val-fraction", "0.2")
+    # --no-fsync changes durability only: not the bytes, not the manifest, not the resume digest.
+    manifest2 = shard(corpus, tmp_path, "--samples-per-shard", "16", "--workers", "2", "--val-fraction", "0.2",
+                      "--no-fsync")
     assert len(tar_bytes(out1)) == manifest1["num_shards"] > 4
     assert tar_bytes(out1) == tar_bytes(tmp_path)
     assert manifest1 == manifest2
@@ -209,9 +213,10 @@ def _partial_run(src: Path, out: Path, args: list[str]) -> int:
     return len(list(state.glob("*.tar.json")))
 
 
-def test_kill9_then_rerun_equals_uninterrupted(foolbox_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("durability", [[], ["--no-fsync"]], ids=["fsync", "no-fsync"])
+def test_kill9_then_rerun_equals_uninterrupted(foolbox_data: Path, tmp_path: Path, durability: list[str]) -> None:
     src = build_corpus(tmp_path / "src", foolbox_data, copies=4)
-    args = ["--samples-per-shard", "4", "--check", "decode", "--workers", "1"]
+    args = ["--samples-per-shard", "4", "--check", "decode", "--workers", "1", *durability]
     done = _partial_run(src, tmp_path / "killed", args)
     assert not (tmp_path / "killed" / "manifest.json").exists()
     result = subprocess.run([sys.executable, "-m", "data_tools.shard", "--src", str(src), "--out",
@@ -234,3 +239,27 @@ def test_rerun_reuses_matching_shards_and_rewrites_changed_ones(corpus: Path, tm
     captured = capsys.readouterr()
     assert "(0 already complete)" in captured.out and "not part of this plan" in captured.err
     assert tar_bytes(tmp_path)["data-000000.tar"] != first["data-000000.tar"]
+
+
+def test_tar_stream_writer_writes_webdataset_tarwriter_bytes(tmp_path: Path) -> None:
+    """The fast writer's template headers must equal tarfile's own encoding, including the
+    fallbacks (names over 100 bytes or not ASCII get pax headers) and the end-of-archive padding."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for i, stem in enumerate(["a", "k" * 95, "n" * 96, "long" * 40, "caf\u00e9", "x_y-z"]):
+        for size in (0, 1, 511, 512, 513, int(rng.integers(1000, 300_000))):
+            samples.append({"__key__": f"{i:03d}_{size}_{stem}", "jpg": rng.bytes(size), "cls": b"7",
+                            "json": b'{"a": 1}', "_meta": "skipped"})
+    reference = io.BytesIO()
+    with wds.TarWriter(reference, user="root", group="root", mode=0o444, encoder=False, mtime=0) as tw:
+        for sample in samples:
+            tw.write(sample)
+    sink = HashedFile(tmp_path / "fast.tar")
+    fast = TarStreamWriter(sink, user="root", group="root", mode=0o444, mtime=0)
+    for sample in samples:
+        fast.write(sample)
+    fast.close()
+    digest = sink.close(fsync=True)
+    written = (tmp_path / "fast.tar").read_bytes()
+    assert written == reference.getvalue()
+    assert digest == hashlib.sha256(written).hexdigest() and sink.size == len(written)
