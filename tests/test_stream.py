@@ -202,3 +202,45 @@ def test_iterating_leaves_the_global_torch_rng_alone(shards: dict, num_workers: 
     torch.manual_seed(123)
     take(loader(data_cfg(shards, num_workers=num_workers)), 2)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_scaled_jpeg_decode_uses_only_power_of_two_scales(foolbox_data: Path) -> None:
+    """libjpeg-turbo's 5/8..7/8 scales cost more than a full decode: only 1, 1/2, 1/4, 1/8 are
+    used, the smallest one that still covers the requested size."""
+    if decode_module.simplejpeg is None:
+        pytest.skip("simplejpeg is not installed: JPEGs are decoded by Pillow at full size")
+    for path in sorted(foolbox_data.glob("imagenet_*.jpg"))[:12]:
+        data = path.read_bytes()
+        w, h = decode_module.image_size(data, "jpg")
+        for need in [(1, 1), (w // 8, h // 8), (w // 3, h // 5), (w // 2 + 1, 10), (w * 5 // 8, h * 5 // 8), (w, h)]:
+            got_h, got_w = decode_module.decode_image(data, "jpg", 3, need).shape[:2]
+            scales = [d for d in (8, 4, 2, 1) if -(-w // d) >= need[0] and -(-h // d) >= need[1]]
+            assert (got_w, got_h) == (-(-w // scales[0]), -(-h // scales[0])), (path.name, need)
+
+
+def test_train_crop_is_torchvision_resized_crop(foolbox_data: Path) -> None:
+    """The direct torch resize call gives torchvision's RandomResizedCrop pixels, bit for bit."""
+    import random
+
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    from vitscale.data.config import parse_data_config
+    from vitscale.data.transforms import TrainTransform, seeded_rngs
+
+    cfg = parse_data_config({"train_shards": ["unused.tar"], "num_classes": 1,
+                             "augment": {"scale": [0.08, 1.0], "hflip": 0.5}})
+    transform = TrainTransform(64, cfg.augment, cfg.mean, 3)
+    transform.dct_scaling = False
+    for seed, path in enumerate(sorted(foolbox_data.glob("imagenet_*.jpg"))[:6]):
+        data = path.read_bytes()
+        full = decode_module.decode_image(data, "jpg", 3)
+        with seeded_rngs(seed, numpy=False):
+            top, left, h, w = RandomResizedCropAndInterpolation.get_params(
+                torch.empty(1, *full.shape[:2]), cfg.augment.scale, cfg.augment.ratio)
+            flip = random.random() < 0.5
+        expected = F.resized_crop(torch.from_numpy(full).permute(2, 0, 1), top, left, h, w, [64, 64],
+                                  InterpolationMode.BILINEAR, antialias=True)
+        expected = F.horizontal_flip(expected) if flip else expected
+        assert torch.equal(transform(data, "jpg", seed), expected), path.name

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from torch.nn.functional import interpolate
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
@@ -33,21 +34,24 @@ def derive_seed(*parts: int) -> int:
 
 
 @contextmanager
-def seeded_rngs(seed: int, numpy: bool = True) -> Iterator[None]:
-    """Seed torch's CPU generator, `random` and (unless the caller knows nothing draws from it:
-    saving it costs more than a crop) numpy's global state; restore them all on exit.
-    Only the CPU generator: `torch.manual_seed` would also reseed every CUDA generator.
+def seeded_rngs(seed: int, numpy: bool = True, torch_rng: bool = True) -> Iterator[None]:
+    """Seed `random` and, unless the caller knows nothing draws from them (saving a state costs
+    more than drawing a crop), torch's CPU generator and numpy's global state; restore them all
+    on exit. Only the CPU generator: `torch.manual_seed` would also reseed every CUDA generator.
     """
-    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    torch_state = torch.get_rng_state() if torch_rng else None
+    py_state = random.getstate()
     np_state = np.random.get_state() if numpy else None
-    torch.default_generator.manual_seed(seed)
+    if torch_rng:
+        torch.default_generator.manual_seed(seed)
     random.seed(seed)
     if numpy:
         np.random.seed(seed & 0xFFFFFFFF)
     try:
         yield
     finally:
-        torch.set_rng_state(torch_state)
+        if torch_state is not None:
+            torch.set_rng_state(torch_state)
         random.setstate(py_state)
         if np_state is not None:
             np.random.set_state(np_state)
@@ -63,7 +67,7 @@ def _crop_box_in(decoded: np.ndarray, full: tuple[int, int], box: tuple[int, int
 
 def _chw(array: np.ndarray) -> torch.Tensor:
     """(H, W, C) array -> (C, H, W) view without a copy (channels-last strides, which torch's
-    antialiased uint8 resize kernel prefers)."""
+    antialiased uint8 resize kernel prefers when they are also contiguous)."""
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
@@ -89,7 +93,8 @@ class TrainTransform:
     def __call__(self, data: bytes, ext: str, seed: int) -> torch.Tensor:
         """Encoded bytes -> uint8 (C, img_size, img_size)."""
         full = image_size(data, ext)
-        with seeded_rngs(seed, numpy=self.randaugment is not None):  # timm RA draws from numpy too
+        # Without RandAugment only `random` is drawn from (timm's crop sampler, the flip).
+        with seeded_rngs(seed, numpy=self.randaugment is not None, torch_rng=self.randaugment is not None):
             # timm's sampler (Python `random`, as timm trains): torchvision's costs ~10 tensor ops.
             box = RandomResizedCropAndInterpolation.get_params(
                 torch.empty(1, 1, 1).expand(1, full[1], full[0]), self.aug.scale, self.aug.ratio)
@@ -99,8 +104,13 @@ class TrainTransform:
                 min_size = (-(-full[0] * self.size // box[3]), -(-full[1] * self.size // box[2]))
             decoded = decode_image(data, ext, self.in_chans, min_size)
             top, left, h, w = _crop_box_in(decoded, full, box)
-            img = F.resized_crop(_chw(decoded), top, left, h, w, [self.size, self.size],
-                                 InterpolationMode.BILINEAR, antialias=True)
+            # torch's kernel directly: bit-identical to torchvision's resized_crop (checked in
+            # tests) without its dispatch layers. The crop is made contiguous channels-last first:
+            # only then does torch take its vectorised uint8 path (a strided crop view falls back
+            # to the generic kernel; measured 0.20 vs 0.31 ms for a 350-px crop, the copy 0.02 ms).
+            crop = _chw(decoded)[None, :, top:top + h, left:left + w].contiguous(memory_format=torch.channels_last)
+            img = interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True,
+                              align_corners=False)[0]
             if flip:
                 img = F.horizontal_flip(img)
             if self.randaugment is not None:
