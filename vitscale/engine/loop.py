@@ -144,5 +144,6 @@ def run_loop(trainer: "Trainer", batches: Iterator[dict[str, Any]]) -> dict[str,
         out = trainer.export(last_ckpt)
         last["export_dir"] = str(out)
         trainer.finish_export(out, last)
+        trainer.log_figures(out)
     last["step"] = trainer.step
     return last

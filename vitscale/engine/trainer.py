@@ -161,6 +161,7 @@ class Trainer:
         # first batch: start it, then restore the checkpoint's RNG, so a resumed run's dropout
         # stream continues exactly where the interrupted one stopped.
         first = next(batches)
+        self.sample_images = first["image"][:16].detach().cpu()  # for the attention-distance figure
         if rng is not None:
             ckpt.set_rng_state(rng)
         from vitscale.engine.loop import run_loop
@@ -201,6 +202,21 @@ class Trainer:
                                   best_metric=tc.get("best_metric"), mode=str(tc.get("best_mode", "max")))
         else:
             self.tracker.log_artifact(out, f"export/{out.name}")
+
+    def log_figures(self, out: Path) -> None:
+        """Rank 0: training curves and the paper's Figure 7 panels, drawn from the consolidated export
+        (so ZeRO-3's partitioned parameters need no gathering). A failure costs a warning, not the run."""
+        assert self.dist is not None
+        if not self.dist.is_main or not self.cfg.tracking.get("figures", True):
+            return
+        from vitscale.figures import log_export_figures
+
+        try:
+            names = log_export_figures(self.tracker, out, images=getattr(self, "sample_images", None),
+                                       metrics_path=self.output_dir / "metrics.jsonl")
+            log.info("figures logged: %s", ", ".join(names))
+        except Exception as exc:  # noqa: BLE001 - figures are a report, never a reason to fail a finished run
+            log.warning("figures not drawn (%s: %s)", type(exc).__name__, exc)
 
     def emit(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:

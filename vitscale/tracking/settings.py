@@ -36,6 +36,7 @@ class TrackingSettings:
     register_every: int = 0
     best_metric: str = "eval/top1"  # moves the `best` alias; best_mode says which direction is better
     best_mode: str = "max"
+    figures: bool = True  # the engine logs training curves + Figure 7 panels with the final export
 
     @classmethod
     def from_mapping(cls, tracking: Mapping[str, Any] | None, resume: str | None = None,
