@@ -63,4 +63,6 @@ class RankProbe:
         }
         out = Path(trainer.output_dir) / "rank_probe" / Path(ckpt_dir).name / f"rank_{info.rank}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record))
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, out)  # a test polling for the file never reads half of it
