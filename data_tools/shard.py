@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from data_tools.plan import TOOL_VERSION, ShardPlan, brace_pattern, plan_shards
 from data_tools.sources import Source, SourceError, fingerprint, open_source, parse_class_names
-from data_tools.writer import STATE_DIR, ShardResult, WriteOptions, load_completed, write_shard
+from data_tools.writer import STATE_DIR, PendingShard, ShardResult, WriteOptions, load_completed, start_shard, write_shard
 
 _worker_source: Source | None = None  # set per writer process (inherited with fork)
 
@@ -87,11 +87,17 @@ def _run_plans(source: Source, todo: list[ShardPlan], out: Path, opts: WriteOpti
                class_names: list[str], workers: int, bar: tqdm):
     tasks = [(plan, out, opts, class_names) for plan in todo]
     if workers <= 1 or len(tasks) <= 1:
-        _init_worker(source)
-        for t in tasks:
-            result = _write_task(t)
-            bar.update(len(t[0].items))
-            yield result
+        # One shard in flight behind the current one: its fsync runs while the next is read.
+        pending: tuple[PendingShard, int] | None = None
+        for plan, *_ in tasks:
+            current = (start_shard(source, plan, out, opts, class_names), len(plan.items))
+            if pending is not None:
+                yield pending[0].finish()
+                bar.update(pending[1])
+            pending = current
+        if pending is not None:
+            yield pending[0].finish()
+            bar.update(pending[1])
         return
     ctx = mp.get_context("fork")  # children inherit the listing (and any loaded IDX arrays)
     with ctx.Pool(workers, initializer=_init_worker, initargs=(source,)) as pool:

@@ -71,26 +71,30 @@ class FolderSource:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._root = str(root)
         classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if not classes:
             raise SourceError(f"{root}: no class sub-folders (expected ROOT/<class>/<image>)")
         self.class_names = classes
         self.items = []
         for label, name in enumerate(classes):
-            for path in sorted(self._walk(root / name)):
-                rel = path.relative_to(root).as_posix()
-                self.items.append(Item(len(self.items), rel, label, path.stat().st_size))
+            for rel in self._walk(self._root, name):
+                self.items.append(Item(len(self.items), rel, label, os.stat(os.path.join(self._root, rel)).st_size))
 
     @staticmethod
-    def _walk(folder: Path) -> list[Path]:
+    def _walk(root: str, name: str) -> list[str]:
+        """Relative posix paths under `root/name`, in pathlib's order (component by component),
+        without a Path object per file (listing 10^7 files is mostly this loop)."""
         found = []
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            found += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
-        return found
+            rel_dir = Path(os.path.relpath(dirpath, root)).as_posix()
+            found += [f"{rel_dir}/{f}" for f in filenames if not f.startswith(".")]
+        return sorted(found, key=lambda rel: rel.split("/"))
 
     def read(self, item: Item) -> bytes:
-        return (self.root / item.ref).read_bytes()
+        with open(os.path.join(self._root, item.ref), "rb", buffering=0) as f:
+            return f.read()
 
 
 class ManifestSource:

@@ -9,9 +9,9 @@ of a template TarInfo with the same user, group, mode and mtime, and only the na
 checksum fields are rewritten per member; a name that does not fit the 100-byte ustar field (or
 is not ASCII) goes through `TarInfo.tobuf` itself, which then adds its pax header.
 
-`HashedFile` collects the pieces and hands ~4 MiB batches to one background thread that
-sha256-hashes and `writev`s them in order: hashlib and the write release the GIL, so on a second
-core hashing and writing overlap the caller's work, and nothing is read back to be hashed.
+`HashedFile` joins the pieces into ~4 MiB batches and hands each to one background thread
+that sha256-hashes and writes it, in order: hashlib and the write release the GIL, so on a
+second core hashing and writing overlap the caller's work, and nothing is read back to be hashed.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ CHKSUM_FIELD = slice(148, 156)
 MAX_FAST_SIZE = 8**11 - 1  # larger sizes need a pax header (tarfile decides that itself)
 BATCH_BYTES = 4 << 20
 MAX_PENDING_BATCHES = 3  # bounds the memory held for the writer thread: ~12 MiB
-IOV_MAX = 1024  # Linux's limit on buffers per writev
 
 
 class HashedFile:
@@ -53,34 +52,40 @@ class HashedFile:
             return
         while len(self._in_flight) >= MAX_PENDING_BATCHES:
             self._in_flight.popleft().result()
-        self._in_flight.append(self._thread.submit(self._hash_and_write, self._pieces))
+        # One join per batch: the writer thread then needs the GIL twice per batch, where hashing
+        # and writing the many small pieces there made both threads convoy on it (measured).
+        self._in_flight.append(self._thread.submit(self._hash_and_write, b"".join(self._pieces)))
         self._pieces, self._pending_bytes = [], 0
 
-    def _hash_and_write(self, pieces: list[bytes]) -> None:
-        update = self.sha.update
-        for piece in pieces:
-            update(piece)
-        for start in range(0, len(pieces), IOV_MAX):
-            batch = pieces[start:start + IOV_MAX]
-            written = os.writev(self.fd, batch)
-            total = sum(map(len, batch))
-            if written < total:  # short write (signal, full disk ...): finish it piece by piece
-                rest = memoryview(b"".join(batch))[written:]
-                while rest:
-                    rest = rest[os.write(self.fd, rest):]
+    def _hash_and_write(self, batch: bytes) -> None:
+        self.sha.update(batch)  # releases the GIL
+        rest = memoryview(batch)
+        while rest:  # a short write (signal, nearly full disk) continues where it stopped
+            rest = rest[os.write(self.fd, rest):]
 
-    def close(self, fsync: bool) -> str:
-        """Write what is left, optionally fsync, close; return the hex sha256 of everything written."""
+    def close_async(self, fsync: bool) -> Future:
+        """Queue the rest, the optional fsync and the close behind the pending batches; the future
+        gives the hex sha256 of everything written. The caller may start the next shard meanwhile:
+        that is how a shard's fsync overlaps the next shard's work."""
+        self._submit()
+        earlier, self._in_flight = list(self._in_flight), deque()
+        done = self._thread.submit(self._finish, fsync, earlier)
+        self._thread.shutdown(wait=False)  # the queued tasks still run; the thread then exits
+        return done
+
+    def _finish(self, fsync: bool, earlier: list[Future]) -> str:
         try:
-            self._submit()
-            while self._in_flight:
-                self._in_flight.popleft().result()
+            for batch in earlier:  # already run (one thread, in order): re-raises a failed write
+                batch.result()
             if fsync:
                 os.fsync(self.fd)
         finally:
-            self._thread.shutdown(wait=True)
             os.close(self.fd)
         return self.sha.hexdigest()
+
+    def close(self, fsync: bool) -> str:
+        """Write what is left, optionally fsync, close; return the hex sha256 of everything written."""
+        return self.close_async(fsync).result()
 
     def abort(self) -> None:
         """Stop without finishing (the caller leaves the temporary file to the stale-file cleanup)."""

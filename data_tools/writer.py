@@ -67,11 +67,37 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class PendingShard:
+    """A shard whose bytes are all queued; `finish()` waits for its hash, fsync and close on the
+    writer thread, then renames it into place and writes its sidecar."""
+
+    def __init__(self, plan: ShardPlan, out: Path, tmp: Path, sink: HashedFile, count: int, rejects: list[dict],
+                 fsync: bool) -> None:
+        self.plan, self.out, self.tmp, self.sink, self.count, self.rejects = plan, out, tmp, sink, count, rejects
+        self.sha256 = sink.close_async(fsync)
+
+    def finish(self) -> ShardResult:
+        sha256 = self.sha256.result()
+        os.replace(self.tmp, self.out / self.plan.name)
+        for r in self.rejects:
+            r["shard"] = self.plan.name
+        result = ShardResult(self.plan.name, self.plan.split, self.plan.digest, self.count, len(self.rejects),
+                             self.sink.size, sha256, self.rejects)
+        _atomic_write_text(state_path(self.out, self.plan.name),
+                           json.dumps(asdict(result) | {"skipped": False}, sort_keys=True))
+        return result
+
+
 def write_shard(source: Source, plan: ShardPlan, out: Path, opts: WriteOptions, class_names: list[str]) -> ShardResult:
+    return start_shard(source, plan, out, opts, class_names).finish()
+
+
+def start_shard(source: Source, plan: ShardPlan, out: Path, opts: WriteOptions, class_names: list[str]) -> PendingShard:
+    """Read, check and queue every sample of `plan`; the caller may start the next shard before
+    calling `finish()` on this one, so that this one's fsync overlaps that work."""
     rejects: list[dict] = []
     count = 0
-    final = out / plan.name
-    tmp = final.with_name(f"{plan.name}.tmp-{os.getpid()}")
+    tmp = out / f"{plan.name}.tmp-{os.getpid()}"
     sink = HashedFile(tmp)
     try:
         tw = TarStreamWriter(sink, **TAR_OWNER)
@@ -97,10 +123,4 @@ def write_shard(source: Source, plan: ShardPlan, out: Path, opts: WriteOptions, 
     except BaseException:
         sink.abort()
         raise
-    sha256 = sink.close(fsync=opts.fsync)
-    os.replace(tmp, final)
-    for r in rejects:
-        r["shard"] = plan.name
-    result = ShardResult(plan.name, plan.split, plan.digest, count, len(rejects), sink.size, sha256, rejects)
-    _atomic_write_text(state_path(out, plan.name), json.dumps(asdict(result) | {"skipped": False}, sort_keys=True))
-    return result
+    return PendingShard(plan, out, tmp, sink, count, rejects, opts.fsync)
