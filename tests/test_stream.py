@@ -120,6 +120,7 @@ def test_channels_and_plain_labels(shards: dict, in_chans: int) -> None:
     cfg = data_cfg(shards, augment={"scale": [0.5, 1.0], "hflip": False}, mean=[0.5], std=[0.5])
     batch = take(loader(cfg, in_chans=in_chans), 1)[0]
     assert batch["image"].shape == (4, in_chans, 24, 24) and batch["image"].dtype == torch.float32
+    assert batch["image"].is_contiguous()  # workers stack channels-last; the float conversion restores this
     assert batch["label"].dtype == torch.long and -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
 
 

@@ -18,7 +18,7 @@ from vitscale.data.config import expand_shards, parse_data_config
 from vitscale.data.decode import find_image
 from vitscale.data.shards import ShardReadError, iter_raw_samples
 from vitscale.data.stream import BadShardsError
-from vitscale.data.transforms import EvalTransform, Normalizer
+from vitscale.data.transforms import EvalTransform, Normalizer, stack_batch
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class _EvalShardReader(IterableDataset):
 
     @staticmethod
     def _batch(images: list[torch.Tensor], labels: list[int], keys: list[str]) -> dict:
-        return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long), "key": keys}
+        return {"image": stack_batch(images), "label": torch.tensor(labels, dtype=torch.long), "key": keys}
 
 
 class EvalLoader:

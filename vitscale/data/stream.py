@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vitscale.data.config import DataConfig, parse_data_config
 from vitscale.data.decode import find_image
 from vitscale.data.shards import ShardReadError, iter_raw_samples
-from vitscale.data.transforms import BatchMixer, Normalizer, TrainTransform, derive_seed
+from vitscale.data.transforms import BatchMixer, Normalizer, TrainTransform, derive_seed, stack_batch
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class _TrainShardStream(IterableDataset):
                     labels.append(int(sample["cls"]))
                     keys.append(sample["__key__"])
                     if len(images) == self.batch_size:
-                        yield {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long),
+                        yield {"image": stack_batch(images), "label": torch.tensor(labels, dtype=torch.long),
                                "key": keys, "_worker": worker, "_pos": [draw, pos + 1]}
                         images, labels, keys = [], [], []
             except ShardReadError as e:

@@ -115,7 +115,7 @@ class TrainTransform:
                 img = F.horizontal_flip(img)
             if self.randaugment is not None:
                 img = F.pil_to_tensor(self.randaugment(F.to_pil_image(img)))
-        return img  # channels-last strides: the batch's torch.stack makes the one copy
+        return img  # channels-last strides: `stack_batch` makes the one copy
 
 
 class EvalTransform:
@@ -133,7 +133,18 @@ class EvalTransform:
         short = min(w, h)
         decoded = decode_image(data, ext, self.in_chans, (-(-w * self.resize // short), -(-h * self.resize // short)))
         img = F.resize(_chw(decoded), [self.resize], InterpolationMode.BILINEAR, antialias=True)
-        return F.center_crop(img, [self.size, self.size])  # a view: torch.stack makes the copy
+        return F.center_crop(img, [self.size, self.size])  # a view: `stack_batch` makes the copy
+
+
+def stack_batch(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 (C, H, W) images -> (B, C, H, W) with channels-last strides.
+
+    The resize leaves images channels-last, so stacking them as (H, W, C) is a plain copy; a
+    contiguous (B, C, H, W) stack would transpose every image in the worker (measured 0.11 vs
+    0.05 ms per 224-px image). The main process's float conversion (`Normalizer`) writes a
+    contiguous batch in the same pass it makes anyway, at the cost of the contiguous case.
+    """
+    return torch.stack([img.permute(1, 2, 0) for img in images]).permute(0, 3, 1, 2)
 
 
 class Normalizer:
@@ -150,7 +161,8 @@ class Normalizer:
         self.shift = (-torch.tensor(mean) / torch.tensor(std)).view(1, -1, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return images.float().mul_(self.scale).add_(self.shift)
+        """Always a contiguous float batch, whatever the strides of `images` (see `stack_batch`)."""
+        return images.to(torch.float32, memory_format=torch.contiguous_format).mul_(self.scale).add_(self.shift)
 
 
 class BatchMixer:
