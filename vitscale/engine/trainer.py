@@ -143,7 +143,7 @@ class Trainer:
     def _resume(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """Load the checkpoint ``resume`` names -> (data-stream state, RNG state); (None, None): fresh."""
         assert self.dist is not None
-        ref = ckpt.resolve(self.cfg.resume, self.output_dir)
+        ref = ckpt.resolve(self.cfg.resume, self.output_dir, tracking_uri=self.cfg.tracking.get("uri"))
         if ref is None:
             return None, None
         client, rank_state = ckpt.load(self.engine, ref, rank=self.dist.rank)
@@ -175,8 +175,26 @@ class Trainer:
             client_state={"step": self.step, "nan_skips": self.nan_skips},
             rank_state={"rng": ckpt.rng_state(), "data": self.loader.state_dict()},
             keep=int(self.cfg.trainer.keep_checkpoints))
+        if self.cfg.tracking.get("log_checkpoints") and self.dist.is_main:
+            self._upload_checkpoint(ref)
         self.emit("on_checkpoint", self.step, str(ref.path), dict(metrics or {}))
         return ref
+
+    def _upload_checkpoint(self, ref: ckpt.CheckpointRef) -> None:
+        """Rank 0, after ckpt.save's barriers: attach the tag directory to the run so that
+        ``resume=runs:/ID`` works where output_dir is not reachable. Only when rank 0 sees every
+        rank's files (shared storage); a node-local checkpoint would be uploaded incomplete."""
+        assert self.dist is not None
+        missing = [r for r in range(self.dist.world_size) if not (ref.path / f"rank_{r}.pt").is_file()]
+        if missing:
+            if not getattr(self, "_warned_unshared", False):
+                self._warned_unshared = True
+                log.warning("tracking.log_checkpoints: %s lacks rank files %s (checkpoint dir not on "
+                            "shared storage?); not uploading checkpoints", ref.path, missing[:4])
+            return
+        self.tracker.log_checkpoint(ref.root, ref.tag)
+        # Send now: the next save may prune this tag before a deferred upload reads it.
+        self.tracker.flush()
 
     def export(self, ref: ckpt.CheckpointRef) -> Path | None:
         """Rank 0 consolidates ``ref`` to output_dir/export/<tag>; the others wait."""

@@ -34,6 +34,7 @@ class TrackingSettings:
     # Read by the engine, which decides when to export: the model name and how often to register.
     register_name: str | None = None
     register_every: int = 0
+    log_checkpoints: bool = False  # upload each DeepSpeed checkpoint: resume=runs:/ID without the training disk
     best_metric: str = "eval/top1"  # moves the `best` alias; best_mode says which direction is better
     best_mode: str = "max"
     figures: bool = True  # the engine logs training curves + Figure 7 panels with the final export
