@@ -40,7 +40,11 @@ def build_model(cfg: DictConfig) -> nn.Module:
     from vitscale.engine.checkpoint import load_export
     from vitscale.tracking import resolve_weights
 
-    resolved = resolve_weights(str(source))
+    # The store the config names (tracking.uri), not only $MLFLOW_TRACKING_URI: a job pointed at a
+    # server by config must find its registry there too.
+    tracking = cfg.get("tracking") or {}
+    resolved = resolve_weights(str(source), tracking_uri=tracking.get("uri"),
+                               registry_uri=tracking.get("registry_uri"))
     state_dict, source_config = load_export(resolved.path)
     # The source's head (classes, pre-logits layer) must be rebuilt to load its weights; the new
     # head replaces it right after. Everything else must match the source architecture.

@@ -85,8 +85,9 @@ def latest(root: Path) -> CheckpointRef | None:
     return CheckpointRef(root, tag)
 
 
-def resolve(resume: str | None, output_dir: Path) -> CheckpointRef | None:
-    """``resume`` -> what to load: ``auto`` (latest in output_dir, or nothing), a path, ``runs:/ID``.
+def resolve(resume: str | None, output_dir: Path, *, tracking_uri: str | None = None) -> CheckpointRef | None:
+    """``resume`` -> what to load: ``auto`` (latest in output_dir, or nothing), a path, ``runs:/ID``
+    (looked up in ``tracking_uri``, default $MLFLOW_TRACKING_URI).
 
     A path may be a checkpoint root (holding ``latest``) or one tag directory.
     """
@@ -97,7 +98,7 @@ def resolve(resume: str | None, output_dir: Path) -> CheckpointRef | None:
     if str(resume).startswith("runs:/"):
         from vitscale.tracking import resolve_resume
 
-        remote = resolve_resume(str(resume))
+        remote = resolve_resume(str(resume), tracking_uri=tracking_uri)
         return CheckpointRef(Path(remote.path), remote.tag)
     path = Path(str(resume)).expanduser()
     if not path.exists():
