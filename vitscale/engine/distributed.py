@@ -79,6 +79,21 @@ def _detect_launcher() -> str:
     return "single"
 
 
+def local_address(peer: str | None = None) -> str:
+    """This host's address on the route to ``peer`` (MASTER_ADDR): the interface the job really uses.
+
+    A UDP connect sends nothing; it only asks the kernel for a route. gethostname() is no proof of
+    placement (containers and network namespaces share or invent names), an address is.
+    """
+    peer = peer or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((peer, 1))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "unknown"
+
+
 def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Join (or create) the process group and pick this rank's device; NCCL on CUDA, gloo on CPU."""
     import deepspeed
@@ -101,7 +116,10 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    return DistInfo(rank, world, local_rank, launcher, device, backend, owns_group=launcher != "external")
+    info = DistInfo(rank, world, local_rank, launcher, device, backend, owns_group=launcher != "external")
+    log.info("rank %d/%d local_rank %d on %s (%s) via %s, %s, collective timeout %.0f s", rank, world,
+             local_rank, socket.gethostname(), local_address(), launcher, backend, timeout_s)
+    return info
 
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:
