@@ -10,6 +10,9 @@ store, a tiny ViT and real Fashion-MNIST shards written by data_tools:
   embeddings and trains with SGD; ``runs:/ID`` and a local export resolve too;
 - an interrupted pre-training resumed with ``resume=runs:/ID`` after its output_dir was deleted
   (tracking.log_checkpoints) continues the same MLflow run and reproduces the uninterrupted losses.
+
+The launches are marked slow (about 2.5 minutes for all on 2 busy cores); the checkpoint-upload guard
+has a fast unit test at the end.
 """
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ import pytest
 
 from dist_scripts.fmnist_shards import write_shards  # tests/ is on sys.path (rootdir conftest)
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 STEPS, STOP_AT = 6, 4  # the interrupted run stops at STOP_AT (a checkpoint), the resumed one ends at STEPS
 MODEL_NAME = "tiny-fmnist"
@@ -98,6 +100,7 @@ def pretrain(store: Store) -> Path:
                                     f"tracking.register_name={MODEL_NAME}", "tracking.register_every=2"])
 
 
+@pytest.mark.slow
 def test_pretrain_run_holds_config_metrics_provenance_and_figures(store: Store, pretrain: Path) -> None:
     from mlflow.artifacts import download_artifacts
 
@@ -122,6 +125,7 @@ def test_pretrain_run_holds_config_metrics_provenance_and_figures(store: Store, 
             "attention_distance.png"} <= figures
 
 
+@pytest.mark.slow
 def test_registered_versions_aliases_and_tags(store: Store, pretrain: Path) -> None:
     from vitscale.engine.checkpoint import load_export
     from vitscale.tracking import resolve_weights
@@ -154,6 +158,7 @@ def finetune(store: Store, pretrain: Path) -> Path:
                                     "trainer.checkpoint_every=4"])
 
 
+@pytest.mark.slow
 def test_finetune_from_registry_at_twice_the_resolution(store: Store, pretrain: Path, finetune: Path) -> None:
     from vitscale.engine.checkpoint import load_export
 
@@ -190,6 +195,7 @@ def _compose(overrides: list[str]) -> Any:
         return compose("train", overrides=overrides)
 
 
+@pytest.mark.slow
 def test_finetune_source_runs_uri_and_local_export_resolve(store: Store, pretrain: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The other two source forms, through the engine's own build_model (no launch needed: the
@@ -218,6 +224,7 @@ def test_finetune_source_runs_uri_and_local_export_resolve(store: Store, pretrai
         assert lineage.items() <= source_lineage(store.client, source).items()
 
 
+@pytest.mark.slow
 def test_resume_from_run_artifacts_after_output_dir_is_gone(store: Store, pretrain: Path) -> None:
     interrupted = store.train("interrupted", [*PRETRAIN, f"trainer.max_steps={STOP_AT}", "eval.every=0",
                                               "data.val_shards=null", "trainer.export_at_end=false"])
@@ -237,3 +244,42 @@ def test_resume_from_run_artifacts_after_output_dir_is_gone(store: Store, pretra
     history = store.history(run_id, "loss")
     assert sorted(history) == list(range(1, STEPS + 1))
     assert store.client.get_run(run_id).info.status == "FINISHED"
+
+
+class _RecordingTracker:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+
+    def log_checkpoint(self, root: Path, tag: str) -> None:
+        self.calls.append(("log_checkpoint", (Path(root), tag)))
+
+    def flush(self) -> bool:
+        self.calls.append(("flush", ()))
+        return True
+
+
+@pytest.mark.parametrize("rank_files, uploaded", [((0, 1), True), ((0,), False)])
+def test_checkpoint_upload_only_when_rank_0_sees_every_rank(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                            rank_files: tuple[int, ...], uploaded: bool) -> None:
+    """A world of 2 whose rank 1 wrote to a disk rank 0 cannot see must not upload half a checkpoint."""
+    import torch
+
+    from vitscale.engine.checkpoint import CheckpointRef
+    from vitscale.engine.distributed import DistInfo
+    from vitscale.engine.trainer import Trainer
+
+    ref = CheckpointRef(tmp_path / "checkpoints", "step_00000002")
+    ref.path.mkdir(parents=True)
+    for r in rank_files:
+        (ref.path / f"rank_{r}.pt").write_bytes(b"")
+    trainer = Trainer(_compose([*TINY, f"output_dir={tmp_path}"]))
+    trainer.dist = DistInfo(0, 2, 0, "torchrun", torch.device("cpu"), "gloo", True)
+    trainer.tracker = _RecordingTracker()
+    for _ in range(2):
+        trainer._upload_checkpoint(ref)
+    if uploaded:
+        assert trainer.tracker.calls == [("log_checkpoint", (ref.root, ref.tag)), ("flush", ())] * 2
+    else:
+        assert trainer.tracker.calls == []
+        warnings = [r for r in caplog.records if "log_checkpoints" in r.getMessage()]
+        assert len(warnings) == 1 and "[1]" in warnings[0].getMessage()  # once, naming the missing rank
