@@ -283,3 +283,15 @@ def test_checkpoint_upload_only_when_rank_0_sees_every_rank(tmp_path: Path, capl
         assert trainer.tracker.calls == []
         warnings = [r for r in caplog.records if "log_checkpoints" in r.getMessage()]
         assert len(warnings) == 1 and "[1]" in warnings[0].getMessage()  # once, naming the missing rank
+
+
+@pytest.mark.parametrize("every, ckpt_every, ok", [(0, 0, True), (4, 2, True), (3, 2, False), (2, 0, False)])
+def test_register_every_must_fall_on_checkpoints(every: int, ckpt_every: int, ok: bool) -> None:
+    from vitscale.engine.trainer import check_registry_config
+
+    cfg = _compose([*TINY, f"tracking.register_every={every}", f"trainer.checkpoint_every={ckpt_every}"])
+    if ok:
+        check_registry_config(cfg)
+    else:
+        with pytest.raises(ValueError, match="tracking.register_every=.* multiple of trainer.checkpoint_every"):
+            check_registry_config(cfg)

@@ -51,6 +51,16 @@ def check_data_config(cfg: DictConfig) -> None:
             "(or set the environment variable named in configs/data/<dataset>.yaml, e.g. JFT_TRAIN_SHARDS)")
 
 
+def check_registry_config(cfg: DictConfig) -> None:
+    """tracking.register_every registers at checkpoints only: a value that is not a multiple of
+    trainer.checkpoint_every would silently register nothing until the end of the run."""
+    every = int(cfg.tracking.get("register_every") or 0)
+    ckpt_every = int(cfg.trainer.checkpoint_every)
+    if every > 0 and (ckpt_every <= 0 or every % ckpt_every):
+        raise ValueError(f"tracking.register_every={every} must be a multiple of trainer.checkpoint_every="
+                         f"{ckpt_every} (intermediate versions are exported from checkpoints)")
+
+
 class Trainer:
     """``Trainer(cfg, callbacks=[...]).fit() -> dict`` of final metrics."""
 
@@ -67,6 +77,7 @@ class Trainer:
     # ------------------------------------------------------------------ public
     def fit(self) -> dict[str, Any]:
         check_data_config(self.cfg)
+        check_registry_config(self.cfg)
         self.dist = init_distributed()
         clean = False
         try:
