@@ -33,8 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS, STOP_AT = 6, 4  # the interrupted run stops at STOP_AT (a checkpoint), the resumed one ends at STEPS
 MODEL_NAME = "tiny-fmnist"
 FT_CLASSES = 20  # > the data's 10 labels, so every label is valid and a zero head gives ln(20)
-SMALL = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "trainer.micro_batch_size=16", "trainer.global_batch_size=16", "trainer.log_every=1",
-        "data.num_workers=0", "data.shuffle_buffer=64", "eval.batch_size=64", "tracking.experiment=e2e"]
+SMALL = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "trainer.micro_batch_size=16",
+         "trainer.global_batch_size=16", "trainer.log_every=1", "data.num_workers=0", "data.shuffle_buffer=64",
+         "eval.batch_size=64", "tracking.experiment=e2e"]
 TINY = ["model=vit_demo", "data=fashion_mnist", "deepspeed=zero1", *SMALL]
 # demo_finetune: the demo's fine-tuning experiment (SGD, warm-up + cosine, 56 px, ZeRO-2).
 FINETUNE = ["+experiment=demo_finetune", *SMALL, "model.img_size=56", "tracking.register_name=null",
@@ -62,13 +63,13 @@ class Store:
         uri = f"sqlite:///{root / 'mlflow.db'}"
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
-    def train(self, name: str, overrides: list[str], *, ok: bool = True) -> Path:
+    def train(self, name: str, overrides: list[str]) -> Path:
+        """One ``python vitscale/train.py`` launch (a world of 1) in the store's directory; must succeed."""
         out = self.root / name
         cmd = [sys.executable, str(REPO / "vitscale" / "train.py"), f"output_dir={out}", *self.shards, *overrides]
         proc = subprocess.run(cmd, cwd=self.root, env=_env(self.root), capture_output=True, text=True, timeout=300)
         (self.root / f"{name}.log").write_text(proc.stdout + proc.stderr)
-        if ok:
-            assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-4000:]}"
+        assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-4000:]}"
         return out
 
     def run_id(self, out: Path) -> str:
