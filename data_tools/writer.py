@@ -1,7 +1,6 @@
 """Write one planned shard atomically and record what went into it.
 
-Bytes are deterministic: webdataset TarWriter's format (written by `tarstream`, byte-identical)
-with a fixed mtime, owner and mode, members in sorted key order, and plan-fixed sample order.
+Bytes are deterministic: webdataset's TarWriter with a fixed mtime, owner and mode, members in sorted key order, and plan-fixed sample order.
 The tar goes to `<name>.tmp-<pid>`, is fsynced (unless the caller opts out) and renamed only
 when complete; then a small sidecar (`.shard-state/<name>.json`: plan digest, sha256, count,
 rejects) is written, also atomically. Resume trusts a shard only with a matching sidecar.
@@ -13,10 +12,12 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import webdataset as wds
+
+from data_tools.hashed_file import HashedFile
 from data_tools.images import RejectedImage, prepare
 from data_tools.plan import ShardPlan, sample_key
 from data_tools.sources import Source
-from data_tools.tarstream import HashedFile, TarStreamWriter
 
 STATE_DIR = ".shard-state"
 FIXED_MTIME = 0  # reproducible tars: no wall-clock time inside
@@ -100,7 +101,7 @@ def start_shard(source: Source, plan: ShardPlan, out: Path, opts: WriteOptions, 
     tmp = out / f"{plan.name}.tmp-{os.getpid()}"
     sink = HashedFile(tmp)
     try:
-        tw = TarStreamWriter(sink, **TAR_OWNER)
+        tw = wds.TarWriter(sink, encoder=False, **TAR_OWNER)
         for item in plan.items:
             try:
                 data = source.read(item)
