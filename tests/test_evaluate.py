@@ -174,3 +174,13 @@ def test_extract_features_rejects_labels_beyond_num_classes():
     batches = _batches(torch.zeros(4, 1), torch.tensor([0, 1, 2, 3]), 4)
     with pytest.raises(ValueError, match="label 3 out of range for 2 classes"):
         extract_features(lambda im: im, batches, max_per_class=1, num_classes=2)
+
+
+def test_checkpoint_alone_is_evaluated_with_its_training_preprocessing(tmp_path):
+    """The CLI rebuilds eval preprocessing from the export's train_config.yaml: a 28 px dataset trained
+    with eval_crop_pct=1.0 must not be center-cropped at timm's 0.875 (that cost 3.4 points here)."""
+    from vitscale.evaluate import EvalPreprocessing, training_preprocessing
+
+    assert training_preprocessing(tmp_path, 3) == EvalPreprocessing((0.5,) * 3, (0.5,) * 3, 0.875)
+    (tmp_path / "train_config.yaml").write_text("data:\n  mean: [0.286]\n  std: [0.353]\n  eval_crop_pct: 1.0\n")
+    assert training_preprocessing(tmp_path, 1) == EvalPreprocessing((0.286,), (0.353,), 1.0)

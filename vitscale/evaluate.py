@@ -22,6 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -218,16 +219,27 @@ def load_model(weights: str, device: torch.device) -> tuple[torch.nn.Module, dic
     return model.to(device).eval(), config, resolved
 
 
-def training_normalisation(export_dir: Path, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The mean/std the model was trained with (train_config.yaml's data.mean/std), else 0.5."""
+@dataclass(frozen=True)
+class EvalPreprocessing:
+    """How the model saw evaluation images in training (train_config.yaml's data.*): evaluating a
+    checkpoint alone must use the same normalisation and crop, or its top-1 silently drops."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float = 0.875
+
+
+def training_preprocessing(export_dir: Path, in_chans: int) -> EvalPreprocessing:
+    """train_config.yaml's data.mean / std / eval_crop_pct, else 0.5 / 0.5 / 0.875."""
     default = (0.5,) * in_chans
     path = export_dir / "train_config.yaml"
     if not path.is_file():
-        return default, default
+        return EvalPreprocessing(default, default)
     import yaml
 
     data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
-    return tuple(data.get("mean") or default), tuple(data.get("std") or default)
+    return EvalPreprocessing(tuple(data.get("mean") or default), tuple(data.get("std") or default),
+                             float(data.get("eval_crop_pct") or 0.875))
 
 
 def _manifest_num_classes(shards: str) -> int | None:
@@ -273,11 +285,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     device = torch.device(args.device)
     model, config, resolved = load_model(args.weights, device)
     in_chans, img_size = int(config["in_chans"]), config["img_size"]
-    mean, std = training_normalisation(resolved.path, in_chans)
+    prep = training_preprocessing(resolved.path, in_chans)
 
     def loader(urls: str):
         return build_eval_loader(urls, batch_size=args.batch_size, rank=0, world_size=1, img_size=img_size,
-                                 in_chans=in_chans, num_workers=args.num_workers, mean=mean, std=std)
+                                 in_chans=in_chans, num_workers=args.num_workers, mean=prep.mean, std=prep.std,
+                                 crop_pct=prep.crop_pct)
 
     results: dict[str, float] = {}
     if args.topk:

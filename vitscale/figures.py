@@ -244,12 +244,13 @@ def log_export_figures(tracker: Any, export_dir: str | Path, *, images: torch.Te
 # --------------------------------------------------------------------------------------------- CLI
 def _first_images(shards: str, config: Mapping[str, Any], export_dir: Path, count: int) -> torch.Tensor:
     from vitscale.data import build_eval_loader
-    from vitscale.evaluate import training_normalisation
+    from vitscale.evaluate import training_preprocessing
 
     in_chans = int(config["in_chans"])
-    mean, std = training_normalisation(export_dir, in_chans)
+    prep = training_preprocessing(export_dir, in_chans)
     loader = build_eval_loader(shards, batch_size=count, rank=0, world_size=1, img_size=config["img_size"],
-                               in_chans=in_chans, num_workers=0, mean=mean, std=std)
+                               in_chans=in_chans, num_workers=0, mean=prep.mean, std=prep.std,
+                               crop_pct=prep.crop_pct)
     for batch in loader:
         return batch["image"]
     raise ValueError(f"--shards {shards!r} yielded no images")
