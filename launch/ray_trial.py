@@ -76,7 +76,7 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     """Tune function trainable. Code after fit() may never run: Tune kills the actor on a stop."""
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
@@ -87,6 +87,8 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg, "launch_cwd": plan.launch_cwd},
+        # Ray Train creates the process group: the same collective timeout as a launcher-started run.
+        torch_config=TorchConfig(timeout_s=int(cfg["trainer"].get("dist_timeout_s", 1800))),
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=bool(plan.gpus_per_worker),
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -78,7 +78,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         check_data_config(self.cfg)
         check_registry_config(self.cfg)
-        self.dist = init_distributed()
+        self.dist = init_distributed(timeout_s=float(self.cfg.trainer.get("dist_timeout_s", 1800)))
         clean = False
         try:
             result = self._fit()
