@@ -5,7 +5,6 @@ reader (`model.load_pretrained`) is the independent reference for the JAX layout
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +16,7 @@ from vitscale.models import create_model
 from vitscale.models.convert import from_jax_npz, from_timm, to_timm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Small ops on shared, busy cores: one intra-op thread avoids spin-wait contention (3.5 s -> 0.25 s
-    for a tiny hybrid forward measured on this machine under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 TINY = dict(img_size=32, embed_dim=64, depth=2, num_heads=2, num_classes=10)

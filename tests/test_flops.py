@@ -1,7 +1,6 @@
 """Analytic MACs: against timm's published numbers and against PyTorch's own FLOP counter."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,14 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vitscale.models import create_model, flops_per_image, model_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Small ops on shared, busy cores: one intra-op thread avoids spin-wait contention (3.5 s -> 0.25 s
-    for a tiny hybrid forward measured on this machine under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("name, img_size, timm_gmacs", [

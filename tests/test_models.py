@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,14 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from vitscale.models import ModelConfig, create_model, list_models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Small ops on shared, busy cores: one intra-op thread avoids spin-wait contention (3.5 s -> 0.25 s
-    for a tiny hybrid forward measured on this machine under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 DEMO = dict(img_size=28, patch_size=7, embed_dim=96, depth=4, num_heads=3, in_chans=1, num_classes=10)

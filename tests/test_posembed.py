@@ -1,7 +1,6 @@
 """Position-embedding resampling: equal to timm's, prefix tokens kept, automatic on load."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -10,14 +9,7 @@ from timm.layers import resample_abs_pos_embed
 from vitscale.models import create_model, resample_pos_embed
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Small ops on shared, busy cores: one intra-op thread avoids spin-wait contention (3.5 s -> 0.25 s
-    for a tiny hybrid forward measured on this machine under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("old, new, prefix", [((7, 7), (12, 12), 1), ((14, 14), (10, 10), 1), ((6, 6), (4, 9), 0),

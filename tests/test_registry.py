@@ -14,18 +14,11 @@ from vitscale.tracking import make_tracker, parse_uri, resolve_resume, resolve_w
 from vitscale.tracking.uris import LocalURI, ModelURI, RunURI
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow sqlite store; creating one costs seconds, copying it milliseconds."""
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
 
 @pytest.fixture
-def store(tmp_path, template_db, monkeypatch) -> str:
+def store(tmp_path, mlflow_template_db, monkeypatch) -> str:
     db = tmp_path / "mlflow.db"
-    shutil.copy(template_db, db)
+    shutil.copy(mlflow_template_db, db)
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # what resolve_* use when no URI is passed

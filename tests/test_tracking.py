@@ -25,18 +25,11 @@ from vitscale.tracking import MlflowTracker, NullTracker, TrackingError, Trackin
 matplotlib.use("Agg")
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow sqlite store; creating one costs seconds, copying it milliseconds."""
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
 
 @pytest.fixture
-def store(tmp_path, template_db, monkeypatch) -> str:
+def store(tmp_path, mlflow_template_db, monkeypatch) -> str:
     db = tmp_path / "mlflow.db"
-    shutil.copy(template_db, db)
+    shutil.copy(mlflow_template_db, db)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return f"sqlite:///{db}"
