@@ -35,7 +35,7 @@ MODEL_NAME = "tiny-fmnist"
 FT_CLASSES = 20  # > the data's 10 labels, so every label is valid and a zero head gives ln(20)
 SMALL = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "trainer.micro_batch_size=16",
          "trainer.global_batch_size=16", "trainer.log_every=1", "data.num_workers=0", "data.shuffle_buffer=64",
-         "eval.batch_size=64", "tracking.experiment=e2e"]
+         "eval.batch_size=64", "tracking.experiment=e2e", "trainer.precision=fp32"]
 TINY = ["model=vit_demo", "data=fashion_mnist", "deepspeed=zero1", *SMALL]
 # demo_finetune: the demo's fine-tuning experiment (SGD, warm-up + cosine, 56 px, ZeRO-2).
 FINETUNE = ["+experiment=demo_finetune", *SMALL, "model.img_size=56", "tracking.register_name=null",

@@ -39,6 +39,7 @@ COMMON = [
     # noise in near-zero gradients into lr-sized steps, so only SGD makes "ZeRO-3 == ZeRO-0" testable.
     "optim=sgd_finetune", "optim.lr=0.1", "optim.schedule.warmup_steps=2", "tracking.enabled=false", "data.num_workers=1",
     "eval.batch_size=32",
+    "trainer.precision=fp32",  # exact comparisons: pin fp32 whatever the demo experiment uses
 ]
 # (launcher, activation-checkpointing policy) per ZeRO stage.
 STAGES = {0: ("deepspeed", "torch"), 1: ("torchrun", "none"), 2: ("deepspeed", "fairscale_offload"),

@@ -43,6 +43,7 @@ def sweep_overrides(shards: runs.Shards, work: Path) -> list[str]:
     """One trial of the demo sweep, shrunk: 2 workers x 1 CPU, 4 steps, report + checkpoint at 2 and 4."""
     return [
         "+sweep=demo",
+        "trainer.precision=fp32",  # rank 0 module == merged fp32 partitions, bit for bit
         f"data.train_shards='{shards.train}'",
         f"data.val_shards='{shards.val}'",
         f"output_dir={work / 'out'}",
