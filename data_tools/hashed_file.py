@@ -34,6 +34,10 @@ class HashedFile:
         if self._pending_bytes >= BATCH_BYTES:
             self._submit()
 
+    def tell(self) -> int:
+        """Bytes written so far (tarfile's "w" mode asks where it starts)."""
+        return self.size
+
     def _submit(self) -> None:
         if not self._pieces:
             return

@@ -12,6 +12,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from PIL import Image
 from data_tools.shard import main as shard_main
 from data_tools.sources import read_idx
 from data_tools.hashed_file import HashedFile
+from data_tools.writer import TAR_OWNER, ShardTarWriter
 
 BAD_INPUTS = {
     "notes.txt": "not an image",
@@ -241,10 +243,11 @@ def test_rerun_reuses_matching_shards_and_rewrites_changed_ones(corpus: Path, tm
     assert tar_bytes(tmp_path)["data-000000.tar"] != first["data-000000.tar"]
 
 
-def test_hashed_file_stream_equals_tarwriter_bytes_and_their_sha256(tmp_path: Path) -> None:
-    """The sharder streams TarWriter's output through HashedFile: the bytes on disk must equal an
-    in-memory TarWriter's, whatever the member sizes (batch boundaries, pax headers for long or
-    non-ASCII names), and the digest must be the sha256 of exactly those bytes."""
+def test_shard_tar_writer_through_hashed_file_is_a_standard_tar(tmp_path: Path) -> None:
+    """The sharder streams ShardTarWriter's output through HashedFile: the bytes on disk must equal
+    the same writer's in memory, whatever the member sizes (batch boundaries, GNU long-name entries
+    for long or non-ASCII names), the digest must be the sha256 of exactly those bytes, and both
+    Python's tarfile and GNU tar must list every member with its exact content."""
     rng = np.random.default_rng(0)
     samples = []
     for i, stem in enumerate(["a", "k" * 95, "long" * 40, "caf\u00e9"]):
@@ -252,14 +255,21 @@ def test_hashed_file_stream_equals_tarwriter_bytes_and_their_sha256(tmp_path: Pa
             samples.append({"__key__": f"{i:03d}_{size}_{stem}", "jpg": rng.bytes(size), "cls": b"7",
                             "json": b'{"a": 1}'})
     reference = io.BytesIO()
-    with wds.TarWriter(reference, user="root", group="root", mode=0o444, encoder=False, mtime=0) as tw:
+    with ShardTarWriter(reference, **TAR_OWNER) as tw:
         for sample in samples:
             tw.write(sample)
     sink = HashedFile(tmp_path / "streamed.tar")
-    with wds.TarWriter(sink, user="root", group="root", mode=0o444, encoder=False, mtime=0) as tw:
+    with ShardTarWriter(sink, **TAR_OWNER) as tw:
         for sample in samples:
             tw.write(sample)
     digest = sink.close(fsync=True)
     written = (tmp_path / "streamed.tar").read_bytes()
     assert written == reference.getvalue()
     assert digest == hashlib.sha256(written).hexdigest() and sink.size == len(written)
+    expected = {f"{s['__key__']}.{k}": v for s in samples for k, v in s.items() if k != "__key__"}
+    with tarfile.open(tmp_path / "streamed.tar") as tar:
+        assert {m.name: tar.extractfile(m).read() for m in tar.getmembers()} == expected
+        assert all(m.mtime == 0 and m.uname == "root" and m.mode == 0o444 for m in tar.getmembers())
+    listed = subprocess.run(["tar", "tf", str(tmp_path / "streamed.tar")], check=True, capture_output=True,
+                            text=True).stdout.splitlines()
+    assert sorted(listed) == sorted(expected)
