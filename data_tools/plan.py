@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from data_tools.sources import Item
 
-TOOL_VERSION = "1"
+TOOL_VERSION = "2"  # 2: GNU-format tar headers (1: PAX); part of every plan digest, so old shards are rewritten
 """Bumped whenever shard bytes for the same input and options would change (resume compares it)."""
 TAR_BLOCK = 512
 KEY_STEM_CHARS = 48  # keeps `key.ext` inside the 100-character ustar name field
