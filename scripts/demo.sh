@@ -14,7 +14,7 @@ NAMES="T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle bo
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/$WORK/mlflow.db}
 export MLFLOW_DISABLE_TELEMETRY=true DS_ACCELERATOR=cpu MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 PRE_NAME=vit-demo-fmnist
-FT_NAME=vit-demo-fmnist-ft56
+FT_NAME=vit-demo-fmnist-ft28
 mkdir -p "$WORK"
 start=$(date +%s)
 stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
@@ -33,12 +33,12 @@ $PY -m data_tools.verify "$WORK/shards/train" >/dev/null && $PY -m data_tools.ve
 stamp "train shards: $TRAIN   test shards: $TEST"
 
 rm -rf "$WORK/pretrain" "$WORK/finetune"   # a demo run starts fresh; the registry keeps every version
-stamp "2/5 pre-train a ViT (28 px, patch 7) with DeepSpeed ZeRO-2 on $NPROC CPU ranks; registers $PRE_NAME"
+stamp "2/5 pre-train a ViT (14 px, patch 7) with DeepSpeed ZeRO-2 on $NPROC CPU ranks; registers $PRE_NAME"
 $DS --num_gpus "$NPROC" vitscale/train.py +experiment=demo_pretrain \
     data.train_shards="'$TRAIN'" data.val_shards="'$TEST'" output_dir="$WORK/pretrain" \
     tracking.register_name=$PRE_NAME
 
-stamp "3/5 fine-tune from models:/$PRE_NAME@latest at 56 px (position embeddings resampled, new zero head)"
+stamp "3/5 fine-tune from models:/$PRE_NAME@latest at 28 px (position embeddings resampled, new zero head)"
 $DS --num_gpus "$NPROC" vitscale/train.py +experiment=demo_finetune \
     finetune.source="models:/$PRE_NAME@latest" \
     data.train_shards="'$TRAIN'" data.val_shards="'$TEST'" output_dir="$WORK/finetune" \

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -124,3 +125,20 @@ def test_throughput_and_mfu_arithmetic() -> None:
     assert out["mfu"] == pytest.approx(3 * 1e9 * 8 / 2.0 / 12e9)
     assert out["data_wait_s"] == pytest.approx(0.5)
     assert matmul_probe_flops(n=256, repeats=2) > 1e8  # any CPU does > 0.1 GFLOP/s
+
+
+def test_split_cpu_threads_shares_cores_between_local_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitscale.engine.distributed import split_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert split_cpu_threads(2) == 4 and torch.get_num_threads() == 4
+        assert split_cpu_threads(16) == 1 and torch.get_num_threads() == 1
+        assert split_cpu_threads(1) is None  # a lone process keeps torch's default
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(before)
+        assert split_cpu_threads(2) is None and torch.get_num_threads() == before  # the user's choice wins
+    finally:
+        torch.set_num_threads(before)
