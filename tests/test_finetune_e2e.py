@@ -37,9 +37,10 @@ SMALL = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "trainer.mi
          "trainer.global_batch_size=16", "trainer.log_every=1", "data.num_workers=0", "data.shuffle_buffer=64",
          "eval.batch_size=64", "tracking.experiment=e2e", "trainer.precision=fp32"]
 TINY = ["model=vit_demo", "data=fashion_mnist", "deepspeed=zero1", *SMALL]
-# demo_finetune: the demo's fine-tuning experiment (SGD, warm-up + cosine, 56 px, ZeRO-2).
-FINETUNE = ["+experiment=demo_finetune", *SMALL, "model.img_size=56", "tracking.register_name=null",
-            "tracking.figures=false"]
+# demo_finetune (ZeRO-2) with the paper's fine-tuning recipe (finetune_384's: SGD momentum 0.9, no weight
+# decay, warm-up + cosine) at 2x the 28 px pre-training resolution.
+FINETUNE = ["+experiment=demo_finetune", *SMALL, "model.img_size=56", "optim=sgd_finetune", "optim.weight_decay=0.0",
+            "tracking.register_name=null", "tracking.figures=false"]
 # Warm-up longer than the run: the LR changes every step (so a lost schedule position shows) and does
 # not depend on max_steps (so a run stopped by max_steps is a true prefix of the longer one).
 PRETRAIN = [*TINY, "optim=adam_pretrain", "optim.lr=3e-3", "optim.schedule.warmup_steps=100",
@@ -174,7 +175,7 @@ def test_finetune_from_registry_at_twice_the_resolution(store: Store, pretrain: 
     assert abs(first - math.log(FT_CLASSES)) < 1e-5, first
     # The fine-tuning recipe: SGD with momentum, warm-up + cosine, and the LR it logged follows it.
     params = run.data.params
-    assert params["optim.name"] == "sgd" and params["optim.momentum"] == "0.9"
+    assert params["optim.name"] == "sgd" and params["optim.momentum"] == "0.9" and params["optim.weight_decay"] == "0.0"
     assert params["optim.schedule.name"] == "warmup_cosine" and params["model.img_size"] == "56"
     # DeepSpeed's WarmupCosineLR over 4 steps, warm-up 2, peak 0.05: iterations -1 (not started) and 0
     # give 0, iteration 1 half the peak, iteration 2 is half-way down the cosine over the last 2 steps.
