@@ -200,10 +200,10 @@ def _compose(overrides: list[str]) -> Any:
 @pytest.mark.slow
 def test_finetune_source_runs_uri_and_local_export_resolve(store: Store, pretrain: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """The other two source forms, through the engine's own build_model (no launch needed: the
+    """The other two source forms, through the engine's own load_model (no launch needed: the
     launch path is the one test_finetune_from_registry_at_twice_the_resolution exercises). The store
     comes from tracking.uri alone, as for a job pointed at a server by config."""
-    from vitscale.engine.build import build_model
+    from vitscale.engine.build import load_model
     from vitscale.engine.checkpoint import load_export
     from vitscale.tracking.registry import source_lineage
 
@@ -216,7 +216,7 @@ def test_finetune_source_runs_uri_and_local_export_resolve(store: Store, pretrai
              {"finetune.source_run_id": pre_id}),
             (str(local), local, {"finetune.source_path": str(local.resolve())})):
         cfg = _compose([*FINETUNE, f"finetune.source={source}", f"tracking.uri={store.client.tracking_uri}"])
-        model = build_model(cfg)
+        model, loaded = load_model(cfg)
         expected, _ = load_export(weights_from)
         state = model.state_dict()
         assert state["pos_embed"].shape == (1, 1 + 64, 32)  # 56 px / patch 7, resampled from 4 x 4
@@ -224,6 +224,7 @@ def test_finetune_source_runs_uri_and_local_export_resolve(store: Store, pretrai
         assert state["head.weight"].shape == (10, 32)
         assert all((state[k] == v).all() for k, v in expected.items() if not k.startswith(("head.", "pos_embed")))
         assert lineage.items() <= source_lineage(store.client, source).items()
+        assert lineage.items() <= loaded.items()  # the trainer's tags: from the weights it loaded
 
 
 @pytest.mark.slow

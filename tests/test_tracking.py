@@ -96,6 +96,32 @@ def test_run_records_config_metrics_artifacts_and_provenance(tmp_path, store):
     assert (tmp_path / "mlartifacts").is_dir()  # embedded store keeps artifacts where configured
 
 
+def test_fine_tune_lineage_is_the_version_the_trainer_loaded(tmp_path, store, monkeypatch):
+    """The trainer passes the lineage of the weights it loaded; the tracker must record those and not
+    resolve finetune.source again (an alias moved in between would name another version). Without
+    them it falls back to resolving the source itself."""
+    import vitscale.tracking.mlflow_tracker as mt
+
+    resolved_again: list[str] = []
+    monkeypatch.setattr(mt, "source_lineage", lambda client, uri: resolved_again.append(uri) or
+                        {"finetune.source_uri": uri, "finetune.source_version": "99"})
+    loaded = {"finetune.source_uri": "models:/vit@best", "finetune.source_model": "vit",
+              "finetune.source_version": "3", "finetune.source_run_id": "abc"}
+    cfg = {**_cfg(tmp_path, store), "finetune": {"source": "models:/vit@best"}}
+    tracker = make_tracker(cfg, rank=0)
+    tracker.start(cfg, tags=loaded)
+    tracker.end()
+    assert resolved_again == []
+    assert loaded.items() <= MlflowClient(store).get_run(tracker.run_id).data.tags.items()
+
+    cfg = {**_cfg(tmp_path, store), "output_dir": str(tmp_path / "out2"), "finetune": {"source": "models:/vit@best"}}
+    tracker = make_tracker(cfg, rank=0)
+    tracker.start(cfg)
+    tracker.end()
+    assert resolved_again == ["models:/vit@best"]
+    assert MlflowClient(store).get_run(tracker.run_id).data.tags["finetune.source_version"] == "99"
+
+
 def test_resume_reopens_the_same_run(tmp_path, store, caplog):
     cfg = _cfg(tmp_path, store)
     first = make_tracker(cfg, 0)

@@ -31,12 +31,21 @@ def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
 def build_model(cfg: DictConfig) -> nn.Module:
     """``create_model`` from ``cfg.model``; with ``finetune.source`` the source weights are loaded
     (position embeddings resampled to the new grid by the model) and the head is replaced."""
+    return load_model(cfg)[0]
+
+
+def load_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, str]]:
+    """`build_model`, plus for a fine-tune the lineage tags of the weights actually loaded.
+
+    The tags come from this one resolution of finetune.source: resolving `models:/NAME@alias` again
+    when the run's tags are written could name another version if the alias moved in between.
+    """
     from vitscale.models import create_model
 
     kwargs = model_kwargs(cfg)
     source = cfg.finetune.source
     if not source:
-        return create_model(**kwargs)
+        return create_model(**kwargs), {}
     from vitscale.engine.checkpoint import load_export
     from vitscale.tracking import resolve_weights
 
@@ -58,7 +67,7 @@ def build_model(cfg: DictConfig) -> nn.Module:
         nn.init.trunc_normal_(model.head.weight, std=0.02)
     log.info("fine-tuning from %s (%s): %d classes -> %d", source, resolved.path,
              source_config["num_classes"], num_classes)
-    return model
+    return model, resolved.lineage_tags()
 
 
 def build_loss(name: str) -> LossFn:

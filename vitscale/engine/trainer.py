@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitscale.engine import checkpoint as ckpt
 from vitscale.engine.activation import apply_policy
-from vitscale.engine.build import build_loss, build_model
+from vitscale.engine.build import build_loss, load_model
 from vitscale.engine.deepspeed_config import build as build_ds_config
 from vitscale.engine.deepspeed_config import loop_clips_gradients, offloads_optimizer, resolve_precision
 from vitscale.engine.distributed import DistInfo, init_distributed, teardown
@@ -98,7 +98,7 @@ class Trainer:
         cfg, info = self.cfg, self.dist
         assert info is not None
         seed_everything(int(cfg.seed))  # the same model init on every rank (ZeRO-3 == ZeRO-0)
-        model = build_model(cfg)
+        model, self.source_lineage = load_model(cfg)
         self.model_config = dict(model.config)
         tc = cfg.trainer
         self.precision = resolve_precision(str(tc.precision), info.device)
@@ -135,7 +135,7 @@ class Trainer:
         container = OmegaConf.to_container(self.cfg, resolve=True)
         assert isinstance(container, dict)
         tracker = make_tracker(container, self.dist.rank)
-        tracker.start(container, self.ds_config, tags={"launcher": self.dist.launcher})
+        tracker.start(container, self.ds_config, tags={"launcher": self.dist.launcher, **self.source_lineage})
         return tracker
 
     def _build_loader(self, data_state: dict[str, Any] | None) -> Iterator[dict[str, Any]]:

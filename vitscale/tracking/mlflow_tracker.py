@@ -86,7 +86,9 @@ class MlflowTracker(Tracker):
             self.log_artifact(item, "config")
         finetune = container.get("finetune")
         source = finetune.get("source") if isinstance(finetune, Mapping) else None
-        if source:  # lineage: the registered version / run this fine-tune starts from
+        # Lineage: the registered version / run this fine-tune starts from. The trainer passes the tags
+        # of the weights it loaded; resolving the source here is the fallback for other callers.
+        if source and "finetune.source_uri" not in self._run_tags:
             self._enqueue("record fine-tune source", lambda rid: self._send_tags(
                 rid, source_lineage(self._client_or_create(), str(source))))
         self.flush()

@@ -72,6 +72,8 @@ class ResolvedWeights:
             tags |= {"finetune.source_model": self.model_name, "finetune.source_version": str(self.version)}
         if self.run_id:
             tags["finetune.source_run_id"] = self.run_id
+        if not self.model_name and not self.run_id:
+            tags["finetune.source_path"] = str(self.path.resolve())
         return tags
 
 
