@@ -11,11 +11,12 @@ FM=${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 WORK=${DEMO_DIR:-demo_work}
 NPROC=${DEMO_NPROC:-2}
 NAMES="T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot"
-export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/$WORK/mlflow.db}
+mkdir -p "$WORK"
+WORK_ABS=$(cd "$WORK" && pwd)  # DEMO_DIR may be relative or absolute
+export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$WORK_ABS/mlflow.db}
 export MLFLOW_DISABLE_TELEMETRY=true DS_ACCELERATOR=cpu MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 PRE_NAME=vit-demo-fmnist
 FT_NAME=vit-demo-fmnist-ft28
-mkdir -p "$WORK"
 start=$(date +%s)
 stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 
