@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ImageFolder root, .csv/.jsonl manifest (path,label[,extra]) or IDX images file")
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
     p.add_argument("--labels", type=Path, help="IDX labels file (default: derived from the images file name)")
+    p.add_argument("--split", choices=["train", "test"], help="CIFAR-10/100 folder: which split to shard")
     p.add_argument("--class-names", help="comma-separated names, or a file with one name per line")
     p.add_argument("--prefix", default="data", help="shard name prefix (default: data)")
     p.add_argument("--samples-per-shard", type=int, default=10_000)
@@ -136,7 +137,8 @@ def build_manifest(source: Source, plans: list[ShardPlan], results: dict[str, Sh
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        source = open_source(args.src, labels=args.labels, class_names=parse_class_names(args.class_names))
+        source = open_source(args.src, labels=args.labels, class_names=parse_class_names(args.class_names),
+                             split=args.split)
     except SourceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

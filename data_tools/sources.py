@@ -241,10 +241,17 @@ class IdxSource:
         return buf.getvalue()
 
 
-def open_source(src: Path, *, labels: Path | None = None, class_names: list[str] | None = None) -> Source:
-    """Pick the source kind from what `src` is: a folder, a .csv/.jsonl manifest, or an IDX file."""
+def open_source(src: Path, *, labels: Path | None = None, class_names: list[str] | None = None,
+                split: str | None = None) -> Source:
+    """Pick the source kind from what `src` is: a folder, a .csv/.jsonl manifest, an IDX file, or CIFAR pickles."""
     if not src.exists():
         raise SourceError(f"{src}: source does not exist")
+    from data_tools.cifar import CifarSource, is_cifar  # here: data_tools.cifar imports this module
+
+    if is_cifar(src):
+        return CifarSource(src, split, class_names)
+    if split is not None:
+        raise SourceError(f"{src}: --split applies to a CIFAR folder only")
     if src.is_dir():
         source: Source = FolderSource(src)
         if class_names and len(class_names) != len(source.class_names):

@@ -1,0 +1,226 @@
+"""CIFAR-10/100 python-pickle source and the cifar10_vit experiment, on real CIFAR pixels.
+
+The data sets cannot be installed offline, so the tests write CIFAR-format pickles from the 20
+CIFAR-10 and 20 CIFAR-100 PNGs that foolbox ships (real test images, label in the file name):
+CIFAR-10 as the original Python-2 cPickle files are laid out (protocol 2, `numpy.core` globals,
+py2 `str` bytes, loaded with encoding="latin1"), CIFAR-100 as a Python 3 re-dump would be
+(`numpy._core` globals). Then: pixel- and label-exact shards through data_tools.shard, a
+hostile pickle refused, and `scripts/cifar10_vit.sh` (shard, verify, train) run for a few steps.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_tools.cifar import CifarSource, is_cifar
+from data_tools.shard import main as shard_main
+from data_tools.sources import SourceError
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+class _Py2Name:
+    """A global as a Python 2 pickle names it (`numpy.core.multiarray` under numpy 2 too)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self) -> None:  # pickle's save_reduce wants a callable
+        raise NotImplementedError
+
+
+class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler: its save() is overridable
+    """Writes what Python 2's cPickle wrote at protocol 2: str as BINSTRING, arrays through
+    numpy.core.multiarray._reconstruct with their bytes as a BINSTRING."""
+
+    def __init__(self, f: io.BufferedWriter) -> None:
+        super().__init__(f, protocol=2)
+
+    def save(self, obj, save_persistent_id=True) -> None:  # noqa: ANN001
+        if isinstance(obj, _Py2Name):
+            self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+        elif isinstance(obj, (str, bytes)):
+            raw = obj.encode("latin1") if isinstance(obj, str) else obj
+            head = pickle.SHORT_BINSTRING + bytes([len(raw)]) if len(raw) < 256 else \
+                pickle.BINSTRING + struct.pack("<i", len(raw))
+            self.write(head + raw)
+        elif isinstance(obj, np.dtype):
+            self.save_reduce(_Py2Name("numpy", "dtype"), (obj.str[1:], 0, 1),
+                             state=(3, "|", None, None, None, -1, -1, 0), obj=obj)
+        elif isinstance(obj, np.ndarray):
+            self.save_reduce(_Py2Name("numpy.core.multiarray", "_reconstruct"), (_Py2Name("numpy", "ndarray"), (0,), "b"),
+                             state=(1, obj.shape, obj.dtype, False, obj.tobytes()), obj=obj)
+        else:
+            super().save(obj, save_persistent_id)
+
+
+def _pngs(foolbox_data: Path, family: str) -> list[tuple[str, int, np.ndarray]]:
+    """(file name, label, HWC uint8 pixels) of foolbox's `<family>_<NN>_<label>.png` files, in order."""
+    out = []
+    for p in sorted(foolbox_data.glob(f"{family}_*.png")):
+        pixels = np.asarray(Image.open(p).convert("RGB"))
+        assert pixels.shape == (32, 32, 3)
+        out.append((p.name, int(p.stem.rsplit("_", 1)[1]), pixels))
+    return out
+
+
+def _batch(samples: list[tuple[str, int, np.ndarray]], label_key: str) -> dict:
+    # CIFAR rows: the R plane, then G, then B, each 32x32 row-major.
+    data = np.stack([px.transpose(2, 0, 1).reshape(-1) for _, _, px in samples]).astype(np.uint8)
+    return {"data": data, label_key: [lab for _, lab, _ in samples], "batch_label": "made by test_cifar",
+            "filenames": [name for name, _, _ in samples]}
+
+
+def write_cifar10(root: Path, foolbox_data: Path) -> tuple[Path, list, list]:
+    """`cifar-10-batches-py/`: data_batch_1 (8 images), data_batch_2 (8), test_batch (4), batches.meta."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    samples = _pngs(foolbox_data, "cifar10")
+    train, test = samples[:16], samples[16:]
+    files = {"data_batch_1": _batch(train[:8], "labels"), "data_batch_2": _batch(train[8:], "labels"),
+             "test_batch": _batch(test, "labels"),
+             "batches.meta": {"num_cases_per_batch": 8, "label_names": CIFAR10_NAMES, "num_vis": 3072}}
+    for name, obj in files.items():
+        with open(folder / name, "wb") as f:
+            _Py2Pickler(f).dump(obj)
+    return folder, train, test
+
+
+def write_cifar100(root: Path, foolbox_data: Path) -> tuple[Path, list, list]:
+    """`cifar-100-python/`: train (16), test (4), meta; a plain Python 3 pickle (numpy._core globals)."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    samples = _pngs(foolbox_data, "cifar100")
+    train, test = samples[:16], samples[16:]
+    for name, part in (("train", train), ("test", test)):
+        batch = _batch(part, "fine_labels")
+        batch["coarse_labels"] = [lab // 5 for _, lab, _ in part]
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
+    meta = {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=4))
+    return folder, train, test
+
+
+def read_shards(out: Path) -> dict[str, dict]:
+    """Every sample of every tar in `out`, read with tarfile: key -> {png, cls, json}."""
+    samples: dict[str, dict] = {}
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return samples
+
+
+def shard(src: Path, out: Path, *extra: str) -> dict:
+    assert shard_main(["--src", str(src), "--out", str(out), "--no-progress", *extra]) == 0
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cifar10(tmp_path_factory: pytest.TempPathFactory, foolbox_data: Path) -> tuple[Path, list, list]:
+    return write_cifar10(tmp_path_factory.mktemp("c10"), foolbox_data)
+
+
+def test_fixture_is_a_cifar_pickle_as_the_standard_loaders_read_it(cifar10: tuple[Path, list, list]) -> None:
+    """The fixture is what torchvision's loader (pickle.load(f, encoding="latin1")) and the CIFAR
+    page's own recipe (encoding="bytes") read, and it names the numpy 1 module as the original files do."""
+    folder, train, _ = cifar10
+    raw = (folder / "data_batch_1").read_bytes()
+    assert raw.startswith(b"\x80\x02}") and b"cnumpy.core.multiarray\n_reconstruct\n" in raw
+    latin1 = pickle.loads(raw, encoding="latin1")
+    assert latin1["labels"] == [lab for _, lab, _ in train[:8]] and latin1["data"].shape == (8, 3072)
+    as_bytes = pickle.loads(raw, encoding="bytes")
+    assert np.array_equal(as_bytes[b"data"], latin1["data"])
+    assert pickle.loads((folder / "batches.meta").read_bytes(), encoding="latin1")["label_names"] == CIFAR10_NAMES
+
+
+def test_cifar10_splits_shard_pixel_and_label_exact(cifar10: tuple[Path, list, list], tmp_path: Path) -> None:
+    folder, train, test = cifar10
+    assert is_cifar(folder) and is_cifar(folder / "test_batch") and not is_cifar(folder.parent)
+    for split, expected, per_shard in (("train", train, 5), ("test", test, 3)):
+        out = tmp_path / split
+        manifest = shard(folder, out, "--split", split, "--prefix", f"cifar10-{split}",
+                         "--samples-per-shard", str(per_shard))
+        # Named as the IDX source names a split run: <prefix>-NNNNNN.tar under one split entry.
+        n_shards = -(-len(expected) // per_shard)
+        assert manifest["source"]["kind"] == "cifar10" and manifest["class_names"] == CIFAR10_NAMES
+        assert manifest["num_samples"] == len(expected) and manifest["num_rejected"] == 0
+        entry = manifest["splits"]["train"]
+        assert [s["name"] for s in entry["shards"]] == [f"cifar10-{split}-{i:06d}.tar" for i in range(n_shards)]
+        assert entry["pattern"] == (f"cifar10-{split}-{{000000..{n_shards - 1:06d}}}.tar" if n_shards > 1
+                                    else f"cifar10-{split}-000000.tar")
+        samples = read_shards(out)
+        assert len(samples) == len(expected)
+        by_name = {name: (lab, px) for name, lab, px in expected}
+        for key, s in samples.items():
+            meta = json.loads(s["json"])
+            label, pixels = by_name[meta["filename"]]
+            assert int(s["cls"]) == label and meta["label"] == CIFAR10_NAMES[label]
+            assert meta["format"] == "PNG" and meta["size"] == [32, 32]
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(s["png"]))), pixels), key
+        assert subprocess.run([sys.executable, "-m", "data_tools.verify", str(out), "--decode"], cwd=REPO,
+                              capture_output=True).returncode == 0
+    # The train split lists data_batch_1 then data_batch_2, rows in order.
+    assert [it.ref for it in CifarSource(folder, "train").items][7:9] == ["data_batch_1#7", "data_batch_2#0"]
+
+
+def test_one_batch_file_and_cifar100(foolbox_data: Path, cifar10: tuple[Path, list, list], tmp_path: Path) -> None:
+    folder, _, test = cifar10
+    manifest = shard(folder / "test_batch", tmp_path / "one", "--no-shuffle")
+    assert manifest["num_samples"] == len(test) and manifest["class_names"] == CIFAR10_NAMES
+
+    c100, train, _ = write_cifar100(tmp_path / "src", foolbox_data)
+    out = tmp_path / "c100"
+    manifest = shard(c100, out, "--split", "train", "--prefix", "cifar100-train", "--samples-per-shard", "8")
+    assert manifest["source"]["kind"] == "cifar100" and manifest["num_classes"] == 100
+    samples = read_shards(out)
+    by_name = {name: (lab, px) for name, lab, px in train}
+    assert len(samples) == len(train)
+    for s in samples.values():
+        meta = json.loads(s["json"])
+        label, pixels = by_name[meta["filename"]]
+        assert int(s["cls"]) == label and meta["label"] == f"fine{label}" and meta["coarse_label"] == f"coarse{label // 5}"
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(s["png"]))), pixels)
+
+
+class _Exploit:
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_bad_inputs_are_one_clear_error(cifar10: tuple[Path, list, list], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    folder, _, _ = cifar10
+    assert shard_main(["--src", str(folder), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "pass --split train or --split test" in capsys.readouterr().err
+
+    hostile = tmp_path / "evil" / "cifar-10-batches-py"
+    hostile.mkdir(parents=True)
+    (hostile / "batches.meta").write_bytes((folder / "batches.meta").read_bytes())
+    (hostile / "test_batch").write_bytes(pickle.dumps({"data": _Exploit()}, protocol=2))
+    with pytest.raises(SourceError, match=r"refusing to load global (posix|os)\.system"):
+        CifarSource(hostile, "test")
+
+    (hostile / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}))
+    with pytest.raises(SourceError, match=r"uint8 \(N, 3072\) array"):
+        CifarSource(hostile, "test")
+    (hostile / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}))
+    with pytest.raises(SourceError, match=r"labels span 0..10 but 10 class names"):
+        CifarSource(hostile, "test")
+    with pytest.raises(SourceError, match="--split applies to a CIFAR folder only"):
+        from data_tools.sources import open_source
+
+        open_source(tmp_path, split="train")
