@@ -63,11 +63,20 @@ class Attention(nn.Module):
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
+# ModelConfig.mlp_act -> nn.GELU's `approximate`. The official JAX MlpBlocks (vit_jax and big_vision)
+# call `flax.linen.gelu`, whose default is the tanh approximation; timm (and the vitscale default) use
+# the exact erf form. The two differ by up to ~5e-4 per activation, ~1e-4 in the logits of a small ViT:
+# reproducing a JAX checkpoint's numbers needs "gelu_tanh".
+_GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, act: str = "gelu"):
         super().__init__()
+        if act not in _GELU_APPROXIMATE:
+            raise ValueError(f"Mlp: act must be one of {tuple(_GELU_APPROXIMATE)}, got {act!r}")
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()  # exact erf GELU, as jax.nn.gelu(approximate=False) in the original code
+        self.act = nn.GELU(approximate=_GELU_APPROXIMATE[act])
         self.drop1 = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(dropout)
@@ -80,13 +89,14 @@ class Block(nn.Module):
     """Pre-LayerNorm encoder block: x + MSA(LN(x)), then x + MLP(LN(x)) (paper eq. 2-3)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden_dim: int, dropout: float = 0.0,
-                 attn_dropout: float = 0.0, drop_path: float = 0.0, qk_norm: bool = False):
+                 attn_dropout: float = 0.0, drop_path: float = 0.0, qk_norm: bool = False,
+                 mlp_act: str = "gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = Attention(dim, num_heads, attn_dropout=attn_dropout, proj_dropout=dropout, qk_norm=qk_norm)
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(dim, mlp_hidden_dim, dropout=dropout)
+        self.mlp = Mlp(dim, mlp_hidden_dim, dropout=dropout, act=mlp_act)
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,14 @@ if TYPE_CHECKING:  # the model imports this module; avoid the cycle at run time
     from vitscale.models.vit import VisionTransformer
 
 POOLS = ("token", "gap")
+# MLP activation: exact erf GELU (timm, PyTorch default) or the tanh approximation, which is what
+# `flax.linen.gelu` computes by default and so what every official vit_jax / big_vision ViT ran with.
+MLP_ACTS = ("gelu", "gelu_tanh")
+# Hybrid stem normalisation conventions (vitscale.models.resnet.STEM_NORMS): timm's or the JAX code's.
+STEM_NORMS = ("timm", "jax")
+# Position-embedding resize on load (vitscale.models.posembed): timm's bicubic or the official
+# fine-tuning loader's scipy.ndimage.zoom(order=1).
+POSEMB_RESIZE = ("timm", "jax")
 # BiT ResNet-V2 root: 7x7/2 conv + 3x3/2 max pool; every stage after the first halves again.
 RESNET_ROOT_STRIDE = 4
 
@@ -49,6 +57,11 @@ class ModelConfig:
     qk_norm: bool = False
     pool: str = "token"
     stem_layers: tuple[int, ...] | None = field(default=None)
+    # Numerics conventions; the defaults are timm's, `vitscale.models.convert.OFFICIAL_NUMERICS` the
+    # official JAX code's (needed to reproduce its logits from its checkpoints, see docs/models.md).
+    mlp_act: str = "gelu"
+    stem_norm: str = "timm"
+    posemb_resize: str = "timm"
 
     def __post_init__(self) -> None:
         self.img_size = _normalise_img_size(self.img_size)
@@ -95,8 +108,10 @@ class ModelConfig:
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"{where}: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.pool not in POOLS:
-            raise ValueError(f"{where}: pool must be one of {POOLS}, got {self.pool!r}")
+        for key, allowed in (("pool", POOLS), ("mlp_act", MLP_ACTS), ("stem_norm", STEM_NORMS),
+                             ("posemb_resize", POSEMB_RESIZE)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{where}: {key} must be one of {allowed}, got {getattr(self, key)!r}")
         for key in ("dropout", "attn_dropout", "drop_path"):
             if not 0.0 <= float(getattr(self, key)) < 1.0:
                 raise ValueError(f"{where}: {key} must be in [0, 1), got {getattr(self, key)!r}")

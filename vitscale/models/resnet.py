@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -18,11 +19,32 @@ from vitscale.models.init import lecun_normal_
 
 STEM_WIDTH = 64
 STAGE_WIDTHS = (256, 512, 1024, 2048)
-# timm's hybrid uses eps=1e-8 inside the standardisation (JAX adds 1e-5 to the std); parity with
-# timm is what the tests can check, and the difference is far below bf16 resolution.
-STD_CONV_EPS = 1e-8
 GROUP_NORM_GROUPS = 32
-GROUP_NORM_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class StemNorm:
+    """How the stem normalises: weight standardisation `(w - mean) / denominator` and GroupNorm eps.
+
+    The two conventions differ in the formula, not just the constant: timm divides by
+    `sqrt(var + ws_eps)`, the official JAX `weight_standardize` by `std + ws_eps`. For the small
+    kernel std of a trained stem (~0.01-0.05) that is a relative change of up to ~1e-3 per conv, and
+    ~3e-4 to 4e-4 in the logits of an R50 hybrid: an official checkpoint needs "jax" to reproduce
+    the official numbers, a timm one "timm".
+    """
+
+    ws_eps: float
+    ws_eps_on_std: bool  # True: std + eps (JAX); False: sqrt(var + eps) (timm)
+    gn_eps: float
+
+
+STEM_NORMS = {
+    "timm": StemNorm(ws_eps=1e-8, ws_eps_on_std=False, gn_eps=1e-5),  # timm's ResNetV2 / hybrid ViT
+    "jax": StemNorm(ws_eps=1e-5, ws_eps_on_std=True, gn_eps=1e-6),  # vit_jax models_resnet + flax GroupNorm
+}
+# Kept for callers of the old module constants (the timm convention, still the default).
+STD_CONV_EPS = STEM_NORMS["timm"].ws_eps
+GROUP_NORM_EPS = STEM_NORMS["timm"].gn_eps
 
 
 def same_padding(size: int, kernel: int, stride: int) -> int:
@@ -42,18 +64,26 @@ def pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], 
 class StdConv2dSame(nn.Conv2d):
     """Bias-free conv whose kernel is standardised (zero mean, unit variance per output channel)."""
 
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, eps: float = STD_CONV_EPS):
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, eps: float = STD_CONV_EPS,
+                 eps_on_std: bool = False):
         super().__init__(in_chs, out_chs, kernel_size, stride=stride, padding=0, bias=False)
-        self.eps = eps
+        self.eps, self.eps_on_std = eps, eps_on_std
 
     def standardized_weight(self) -> torch.Tensor:
-        # batch_norm over the flattened kernel (no running stats) is the standardisation in one fused
-        # kernel, the same op timm uses, so converted checkpoints give bit-identical weights; fp32
-        # because eps=1e-8 and the variance are meaningless in bf16.
+        # fp32 because the tiny eps and the variance are meaningless in bf16.
         w = self.weight
         flat = w.reshape(1, w.shape[0], -1).float()
-        flat = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=self.eps)
+        if self.eps_on_std:  # JAX: (w - mean) / (std + eps), population std over (kh, kw, in)
+            flat = flat - flat.mean(dim=-1, keepdim=True)
+            flat = flat / (flat.square().mean(dim=-1, keepdim=True).sqrt() + self.eps)
+        else:
+            # batch_norm over the flattened kernel (no running stats) is timm's standardisation in one
+            # fused kernel, the same op timm uses, so converted checkpoints give bit-identical weights.
+            flat = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=self.eps)
         return flat.reshape(w.shape).to(w.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", eps={self.eps}" + (" (on std)" if self.eps_on_std else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_same(x, self.kernel_size, self.stride)
@@ -137,7 +167,7 @@ class ResNetV2Stem(nn.Module):
     (stride 16, 1024 channels); (3, 4, 6, 3) the full R50 (stride 32, 2048 channels).
     """
 
-    def __init__(self, layers: tuple[int, ...], in_chans: int = 3):
+    def __init__(self, layers: tuple[int, ...], in_chans: int = 3, norm: str = "timm"):
         super().__init__()
         if len(layers) > len(STAGE_WIDTHS) or any(n <= 0 for n in layers):
             raise ValueError(f"stem_layers must hold 0 to {len(STAGE_WIDTHS)} positive block counts, got {layers}")
@@ -153,7 +183,24 @@ class ResNetV2Stem(nn.Module):
             prev = STAGE_WIDTHS[i]
         self.stages = nn.Sequential(*stages)
         self.out_channels = prev
+        self.set_norm(norm)
         self.reset_parameters()
+
+    def set_norm(self, norm: str) -> None:
+        """Switch every standardised conv and GroupNorm to a `STEM_NORMS` convention ("timm"/"jax").
+
+        Only constants change (no parameters), so it can be applied to a built model; the ViT calls
+        it with `ModelConfig.stem_norm`.
+        """
+        if norm not in STEM_NORMS:
+            raise ValueError(f"stem norm must be one of {tuple(STEM_NORMS)}, got {norm!r}")
+        conv = STEM_NORMS[norm]
+        self.norm_convention = norm
+        for m in self.modules():
+            if isinstance(m, StdConv2dSame):
+                m.eps, m.eps_on_std = conv.ws_eps, conv.ws_eps_on_std
+            elif isinstance(m, nn.GroupNorm):
+                m.eps = conv.gn_eps
 
     def reset_parameters(self) -> None:
         # JAX/Flax default for convs (lecun normal); the standardisation makes the scale irrelevant

@@ -46,6 +46,8 @@ class VisionTransformer(nn.Module):
         self.grid_size = cfg.grid_size
         self.num_features = cfg.embed_dim
         self.patch_embed = build_embed(cfg)
+        if cfg.is_hybrid:  # timm's or the official JAX stem normalisation (constants only)
+            self.patch_embed.backbone.set_norm(cfg.stem_norm)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if self.num_prefix_tokens else None
         num_tokens = self.grid_size[0] * self.grid_size[1] + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, cfg.embed_dim))
@@ -53,7 +55,7 @@ class VisionTransformer(nn.Module):
         drop_path = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear in depth
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_hidden_dim, dropout=cfg.dropout,
-                  attn_dropout=cfg.attn_dropout, drop_path=dp, qk_norm=cfg.qk_norm)
+                  attn_dropout=cfg.attn_dropout, drop_path=dp, qk_norm=cfg.qk_norm, mlp_act=cfg.mlp_act)
             for dp in drop_path
         )
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
@@ -126,6 +128,17 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"set_checkpointing: every must be >= 1, got {every}")
         self._checkpoint_fn, self._checkpoint_every = fn, every
 
+    @property
+    def posemb_resize(self) -> str:
+        """How a checkpoint pos_embed of another grid is resampled on load: "timm" (bicubic,
+        antialiased) or "jax" (the official fine-tuning loader's scipy.ndimage.zoom(order=1))."""
+        return self.cfg.posemb_resize
+
+    @posemb_resize.setter
+    def posemb_resize(self, mode: str) -> None:
+        # Through ModelConfig so the value is validated and `model.config` records it.
+        self.cfg = ModelConfig(**{**self.cfg.to_dict(), "posemb_resize": mode})
+
     def reset_head(self, num_classes: int) -> None:
         """Fine-tuning head: drop the representation layer, new zero-initialised Linear (0 = none)."""
         if num_classes < 0:
@@ -185,8 +198,9 @@ class VisionTransformer(nn.Module):
 
     # ---- loading -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """As nn.Module's, plus a pos_embed of another grid is resampled (bicubic, as timm) and a
-        strict mismatch raises one ValueError naming every missing/unexpected/misshapen key."""
+        """As nn.Module's, plus a pos_embed of another grid is resampled (`posemb_resize`: timm's
+        bicubic by default, or the official JAX zoom) and a strict mismatch raises one ValueError
+        naming every missing/unexpected/misshapen key."""
         if strict:
             self._check_state_dict(state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -235,4 +249,5 @@ def _resample_pos_embed_on_load(module: VisionTransformer, state_dict: dict, pre
     if src.shape[1] == tokens:
         return
     old_grid = infer_square_grid(src.shape[1] - module.num_prefix_tokens)
-    state_dict[key] = resample_pos_embed(src, module.grid_size, module.num_prefix_tokens, old_grid=old_grid)
+    state_dict[key] = resample_pos_embed(src, module.grid_size, module.num_prefix_tokens,
+                                         mode=cfg.posemb_resize, old_grid=old_grid)
