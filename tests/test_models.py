@@ -49,6 +49,7 @@ def test_hybrid_shapes_follow_the_stem_stride() -> None:
     ("vit_ti16", DEMO),
     ("vit_tiny_test", dict(img_size=(32, 48), pool="gap", representation_size=24, qk_norm=True, drop_path=0.1)),
     ("r50_vit_tiny_test", dict(stem_layers=[1, 1], num_classes=3)),
+    ("r50_vit_tiny_test", dict(mlp_act="gelu_tanh", stem_norm="jax", posemb_resize="jax")),
 ])
 def test_config_rebuilds_the_same_architecture(name: str, overrides: dict) -> None:
     model = create_model(name, **overrides)
@@ -168,6 +169,42 @@ def test_qk_norm_adds_per_head_layernorms() -> None:
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_mlp_activation_option() -> None:
+    x = torch.randn(4, 64) * 2
+    for act, approximate in (("gelu", "none"), ("gelu_tanh", "tanh")):
+        mlp = create_model("vit_tiny_test", mlp_act=act).blocks[1].mlp
+        expected = mlp.fc2(F.gelu(mlp.fc1(x), approximate=approximate))
+        torch.testing.assert_close(mlp(x), expected, atol=0, rtol=0)
+    default = create_model("vit_tiny_test")
+    assert all(b.mlp.act.approximate == "none" for b in default.blocks)  # timm's exact erf GELU
+    # The two forms really differ (what the official JAX checkpoints need is the tanh one).
+    assert (F.gelu(x) - F.gelu(x, approximate="tanh")).abs().max() > 1e-4
+
+
+def test_stem_norm_option() -> None:
+    from vitscale.models.resnet import StdConv2dSame
+
+    default = create_model("r50_vit_tiny_test")
+    official = create_model("r50_vit_tiny_test", stem_norm="jax")
+    official.load_state_dict(default.state_dict())
+    convs = [m for m in official.modules() if isinstance(m, StdConv2dSame)]
+    norms = [m for m in official.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(convs) == 1 + 4 + 4 and all(m.eps == 1e-6 for m in norms)  # flax GroupNorm default
+    w = convs[3].weight.detach()  # models_resnet.weight_standardize: (w - mean) / (std + 1e-5)
+    centred = w - w.mean(dim=(1, 2, 3), keepdim=True)
+    expected = centred / (centred.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt() + 1e-5)
+    torch.testing.assert_close(convs[3].standardized_weight(), expected, atol=1e-6, rtol=0)
+    timm_conv = [m for m in default.modules() if isinstance(m, StdConv2dSame)][3]
+    assert timm_conv.eps == 1e-8 and not timm_conv.eps_on_std
+    assert all(m.eps == 1e-5 for m in default.modules() if isinstance(m, torch.nn.GroupNorm))
+    assert (timm_conv.standardized_weight() - expected).abs().max() > 1e-4
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        default.head.weight.normal_()
+        official.head.weight.copy_(default.head.weight)
+        assert (default.eval()(x) - official.eval()(x)).abs().max() > 1e-5
+
+
 def test_unknown_model_name_lists_known_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown model 'vit_x99'.*vit_b16"):
         create_model("vit_x99")
@@ -180,6 +217,9 @@ def test_unknown_model_name_lists_known_ones() -> None:
     (dict(pool="max"), r"pool must be one of"),
     (dict(dropout=1.5), r"dropout must be in \[0, 1\)"),
     (dict(heads=4), r"unknown override\(s\) \['heads'\].*num_heads"),
+    (dict(mlp_act="relu"), r"mlp_act must be one of \('gelu', 'gelu_tanh'\), got 'relu'"),
+    (dict(stem_norm="bit"), r"stem_norm must be one of \('timm', 'jax'\)"),
+    (dict(posemb_resize="bilinear"), r"posemb_resize must be one of \('timm', 'jax'\)"),
 ])
 def test_bad_config_is_one_clear_error(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
