@@ -243,7 +243,8 @@ def test_official_layouts_give_the_official_logits(tmp_path: Path, layout: str, 
 
     assert jax_npz_layout(path) == layout
     config = jax_npz_config(path)
-    assert (config["embed_dim"], config["depth"], config["num_heads"], config["patch_size"]) == (DIM, DEPTH, HEADS, PATCH)
+    sizes = (config["embed_dim"], config["depth"], config["num_heads"], config["patch_size"])
+    assert sizes == (DIM, DEPTH, HEADS, PATCH)
     assert int(DIM * config["mlp_ratio"]) == MLP_DIM and config["pool"] == pool and config["representation_size"] == rep
     assert _max_diff(_load(path), expected, IMAGES) < 1e-5
     # timm's numerics (exact GELU) on the same weights do not reproduce the official logits.
@@ -333,8 +334,9 @@ def test_errors_name_the_first_bad_key_and_the_known_layouts() -> None:
     extra = dict(linen, **{"Transformer/encoderblock_0/LayerScale_0/gamma": np.ones(DIM, np.float32),
                            "zz/extra": np.ones(1, np.float32)})
     assert "unexpected 'Transformer/encoderblock_0/LayerScale_0/gamma' (+1 more)" in _error(extra)
-    mixed = {k.replace("MultiHeadDotProductAttention_0", "MultiHeadDotProductAttention_1") if "encoderblock_1/" in k else k: v
-             for k, v in linen.items()}  # block 1 renamed, block 0 not: not one consistent layout
+    rename = ("MultiHeadDotProductAttention_0", "MultiHeadDotProductAttention_1")
+    # block 1 renamed, block 0 not: not one consistent layout
+    mixed = {(k.replace(*rename) if "encoderblock_1/" in k else k): v for k, v in linen.items()}
     assert "missing 'Transformer/encoderblock_1/MultiHeadDotProductAttention_0/query/kernel'" in _error(mixed)
     bv = _official_npz(5, "big_vision", pool="gap")
     assert "MAPHead_0/probe" in _error(dict(bv, **{"MAPHead_0/probe": np.zeros((1, 1, DIM), np.float32)}))

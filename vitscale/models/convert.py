@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -100,8 +100,7 @@ _BLOCK_NAMES = {
     "linen": ("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0"),
 }
 JAX_LAYOUTS: dict[str, str] = {
-    "vit_jax_release": "vision_transformer / AugReg release files: pre-Linen block names, "
-                       "Transformer/posembed_input (class-token row included)",
+    "vit_jax_release": "vision_transformer / AugReg release files: pre-Linen names, Transformer/posembed_input",
     "vit_jax": "current vision_transformer (Linen) code: Linen block names, Transformer/posembed_input",
     "big_vision": "big_vision ViT: Linen block names, top-level pos_embedding added before the class token",
     "big_vision_scan": "big_vision ViT with scan=True: Transformer/encoderblock/... stacked over layers",
@@ -115,7 +114,7 @@ class JaxCheckpointError(ValueError):
     """An npz that is not, or not entirely, a ViT checkpoint in a layout vitscale knows."""
 
 
-def _fail(where: str, what: str, layout: str | None = None) -> None:
+def _fail(where: str, what: str, layout: str | None = None) -> NoReturn:
     detected = f"read as {layout}; " if layout else ""
     raise JaxCheckpointError(
         f"{where}: {what} ({detected}known layouts: {', '.join(JAX_LAYOUTS)}, optionally prefixed "
@@ -225,6 +224,8 @@ def _read_jax(source: str | Path | Mapping[str, np.ndarray]) -> tuple[dict[str, 
         while r.has(f"Transformer/encoderblock_{depth}/LayerNorm_0/scale"):
             depth += 1
         blocks = [(f"Transformer/encoderblock_{i}/", None) for i in range(depth)]
+    if not blocks:
+        _fail(where, f"missing {prefix + 'Transformer/encoderblock_0/LayerNorm_0/scale'!r}", layout)
     for i, (src, index) in enumerate(blocks):
         sd.update(_encoder_block(r, src, f"blocks.{i}.", names, index))
     num_heads = arrays[f"{prefix}{blocks[0][0]}{names[1]}/query/kernel"].shape[-2]
@@ -313,6 +314,7 @@ _PROJ_NAMES = [("conv_proj/kernel", "downsample.conv.weight"), ("gn_proj/scale",
 _ROOT_NAMES = [("conv_root/kernel", "stem.conv.weight"), ("gn_root/scale", "stem.norm.weight"),
                ("gn_root/bias", "stem.norm.bias")]
 _BACKBONE = "patch_embed.backbone."
+_UNIT_KEY = re.compile(r"patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.")
 
 
 def _hybrid_stem(r: _NpzReader, sd: dict[str, torch.Tensor]) -> tuple[int, ...]:
@@ -353,9 +355,12 @@ def to_jax_npz(state_dict: Mapping[str, torch.Tensor], num_heads: int, path: str
     if any(k.startswith(_BACKBONE) for k in sd):
         if big_vision:
             raise ValueError("to_jax_npz: big_vision's ViT has no ResNet stem; export a hybrid as 'vit_jax'")
-        for key in sorted(k for k in sd if k.startswith(_BACKBONE)):
-            src = _stem_key_to_jax(key[len(_BACKBONE):])
-            out[src] = take(key).transpose(2, 3, 1, 0) if src.endswith("kernel") else take(key)
+        names = {_BACKBONE + b: a for a, b in _ROOT_NAMES}  # vitscale key -> npz key, unit by unit:
+        for stage, unit in {m.groups() for k in sd if (m := _UNIT_KEY.match(k))}:
+            dst, src = f"{_BACKBONE}stages.{stage}.blocks.{unit}.", f"block{int(stage) + 1}/unit{int(unit) + 1}/"
+            names.update({dst + b: src + a for a, b in _UNIT_NAMES + _PROJ_NAMES if dst + b in sd})
+        for ours, theirs in names.items():
+            out[theirs] = take(ours).transpose(2, 3, 1, 0) if theirs.endswith("kernel") else take(ours)
     out["embedding/kernel"] = take("patch_embed.proj.weight").transpose(2, 3, 1, 0)
     out["embedding/bias"] = take("patch_embed.proj.bias")
     pos = take("pos_embed")
@@ -385,17 +390,6 @@ def to_jax_npz(state_dict: Mapping[str, torch.Tensor], num_heads: int, path: str
     if path is not None:
         np.savez(path, **out)
     return out
-
-
-def _stem_key_to_jax(key: str) -> str:
-    for src, dst in _ROOT_NAMES:
-        if key == dst:
-            return src
-    m = re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.+)", key)
-    pair = next((a for a, b in _UNIT_NAMES + _PROJ_NAMES if m and b == m.group(3)), None)
-    if m is None or pair is None:
-        raise ValueError(f"to_jax_npz: no official name for backbone key {key!r}")
-    return f"block{int(m.group(1)) + 1}/unit{int(m.group(2)) + 1}/{pair}"
 
 
 def _block_to_jax(b: dict[str, np.ndarray], names: tuple[str, ...], heads: int, i: int) -> dict[str, np.ndarray]:
