@@ -28,15 +28,16 @@ def open_checkpoint(path: str, storage_path: str) -> Any:
 
 
 def _module_weights(tag_dir: Path) -> dict[str, Any]:
-    """ZeRO-0 checkpoints hold the full weights in DeepSpeed's model-states file."""
-    import torch
+    """ZeRO-0 checkpoints hold the full weights in DeepSpeed's model-states file.
+
+    Read weights-only (DeepSpeed's few checkpoint classes allow-listed): the file comes from Ray's
+    checkpoint storage, which other machines write to, so it is not trusted to run code."""
+    from vitscale.engine.checkpoint import safe_load
 
     files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{tag_dir}: no DeepSpeed *mp_rank_00_model_states.pt to export")
-    # This sweep wrote the file a moment ago; DeepSpeed stores config objects beside the tensors, so
-    # it cannot be read with weights_only=True. Nothing from outside the job is unpickled here.
-    return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return safe_load(files[0], map_location="cpu")["module"]
 
 
 def export_checkpoint(checkpoint_root: Path, trial_cfg: DictConfig, out_dir: Path) -> Path:
@@ -47,7 +48,7 @@ def export_checkpoint(checkpoint_root: Path, trial_cfg: DictConfig, out_dir: Pat
     from vitscale.engine import checkpoint as ckpt
     from vitscale.engine.build import build_model
 
-    ref = ckpt.resolve(str(checkpoint_root), out_dir)
+    ref = ckpt.resolve(str(checkpoint_root), out_dir)  # verified against its checksum manifest
     if ref is None:  # resolve() returns None only for resume=None/auto
         raise FileNotFoundError(f"{checkpoint_root}: not a checkpoint")
     stage = int(OmegaConf.select(trial_cfg, "deepspeed.zero_optimization.stage", default=0) or 0)
