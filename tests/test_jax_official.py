@@ -351,3 +351,19 @@ def test_official_numerics_preset_is_what_the_adapter_sets() -> None:
     assert {k: config[k] for k in OFFICIAL_NUMERICS} == OFFICIAL_NUMERICS
     model = create_model("vit_tiny_test", **config)
     assert model.blocks[0].mlp.act.approximate == "tanh" and model.posemb_resize == "jax"
+
+
+if __name__ == "__main__":  # the parity figures of docs/models.md
+    torch.set_num_threads(1)
+    for layout, pool in [("vit_jax_release", "token"), ("vit_jax", "token"), ("vit_jax", "gap"),
+                         ("big_vision", "token"), ("big_vision", "gap"), ("big_vision_scan", "token")]:
+        arrays = _official_npz(1, layout, pool=pool)
+        expected = _official_forward(arrays, layout, IMAGES, pool=pool)
+        print(f"{layout:16s} {pool:5s} official numerics {_max_diff(_load(arrays), expected, IMAGES):.1e}, "
+              f"timm GELU {_max_diff(_load(arrays, mlp_act='gelu'), expected, IMAGES):.1e}")
+    for stem in ((1, 1), ()):
+        arrays = _official_npz(2, "vit_jax", stem=stem)
+        expected = _official_forward(arrays, "vit_jax", IMAGES, pool="token", stem=stem)
+        timm = _max_diff(_load(arrays, stem_norm="timm", mlp_act="gelu"), expected, IMAGES)
+        print(f"hybrid {stem!s:6s} official numerics {_max_diff(_load(arrays), expected, IMAGES):.1e}, "
+              f"timm stem norm {_max_diff(_load(arrays, stem_norm='timm'), expected, IMAGES):.1e}, timm all {timm:.1e}")
