@@ -15,18 +15,25 @@ blue 32x32 planes in row-major order, `labels` (CIFAR-10) or `fine_labels` (CIFA
 numpy globals an array needs: a pickle is a program, and a downloaded one must not be able to
 run anything else.
 
-`--src` is the dataset folder plus `--split train|test`, or one batch file (e.g. `test_batch`).
-Like the IDX source, one run shards one split into its own folder; each image is encoded as a
-PNG with Pillow's defaults (lossless, deterministic), so the shards are ordinary WebDataset
-shards with `png`, `cls` and `json` members.
+`python -m data_tools.shard --src DIR --split train|test` (or `--src` one batch file, e.g.
+`test_batch`): like the IDX source, one run shards one split into its own folder; each image is
+encoded as a PNG with Pillow's defaults (lossless, deterministic), so the shards are ordinary
+WebDataset shards with `png`, `cls` and `json` members.
+
+`python -m data_tools.cifar --src DIR --out OUT` does both splits in one process: OUT/<kind>-train
+(1000 images a shard, shuffled) and OUT/<kind>-test (250 a shard, in order), each verified against
+its manifest, then prints the two brace patterns for `data.train_shards` / `data.val_shards`.
 """
 from __future__ import annotations
 
+import argparse
 import bisect
 import codecs
 import io
+import json
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +181,41 @@ class CifarSource:
         buf = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="PNG")
         return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_tools.cifar",
+                                description="Shard and verify both splits of a CIFAR-10/100 python folder.")
+    p.add_argument("--src", type=Path, required=True, help="cifar-10-batches-py/ or cifar-100-python/")
+    p.add_argument("--out", type=Path, required=True, help="writes OUT/<kind>-train and OUT/<kind>-test")
+    p.add_argument("--train-per-shard", type=int, default=1000)
+    p.add_argument("--test-per-shard", type=int, default=250)
+    p.add_argument("--workers", type=int, default=1, help="writer processes (output does not depend on it)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    from data_tools.shard import main as shard_main  # here: data_tools.shard imports data_tools.sources
+    from data_tools.verify import main as verify_main
+
+    if not (args.src.is_dir() and is_cifar(args.src)):
+        print(f"error: {args.src}: expected cifar-10-batches-py/ (batches.meta) or cifar-100-python/ (meta)",
+              file=sys.stderr)
+        return 2
+    kind = "cifar10" if (args.src / "batches.meta").is_file() else "cifar100"
+    patterns = {}
+    for split, per_shard, order in (("train", args.train_per_shard, []), ("test", args.test_per_shard, ["--no-shuffle"])):
+        out = args.out / f"{kind}-{split}"
+        rc = shard_main(["--src", str(args.src), "--split", split, "--out", str(out), "--prefix", f"{kind}-{split}",
+                         "--samples-per-shard", str(per_shard), "--workers", str(args.workers), *order,
+                         *(["--no-progress"] if args.no_progress else [])])
+        if rc:
+            return rc
+        if verify_main([str(out)]):
+            return 1
+        manifest = json.loads((out / "manifest.json").read_text())
+        patterns[split] = str(out / manifest["splits"]["train"]["pattern"])
+    print(f"train: {patterns['train']}\ntest: {patterns['test']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -26,6 +26,7 @@ from PIL import Image
 from data_tools.cifar import CifarSource, is_cifar
 from data_tools.shard import main as shard_main
 from data_tools.sources import SourceError
+from data_tools.verify import main as verify_main
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -171,8 +172,7 @@ def test_cifar10_splits_shard_pixel_and_label_exact(cifar10: tuple[Path, list, l
             assert int(s["cls"]) == label and meta["label"] == CIFAR10_NAMES[label]
             assert meta["format"] == "PNG" and meta["size"] == [32, 32]
             assert np.array_equal(np.asarray(Image.open(io.BytesIO(s["png"]))), pixels), key
-        assert subprocess.run([sys.executable, "-m", "data_tools.verify", str(out), "--decode"], cwd=REPO,
-                              capture_output=True).returncode == 0
+        assert verify_main([str(out), "--decode"]) == 0
     # The train split lists data_batch_1 then data_batch_2, rows in order.
     assert [it.ref for it in CifarSource(folder, "train").items][7:9] == ["data_batch_1#7", "data_batch_2#0"]
 
@@ -224,3 +224,61 @@ def test_bad_inputs_are_one_clear_error(cifar10: tuple[Path, list, list], tmp_pa
         from data_tools.sources import open_source
 
         open_source(tmp_path, split="train")
+
+
+def _compose(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_cifar10_vit_composes_to_the_documented_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ViT-Ti/4 on 32 px RGB: an 8 x 8 grid, 5.36M parameters, 365M MACs (the figures in the YAML)."""
+    from omegaconf import OmegaConf
+
+    from vitscale.models import create_model, model_config
+    from vitscale.models.flops import flops_per_image
+
+    monkeypatch.setenv("CIFAR10_TRAIN_SHARDS", "/s/cifar10-train-{000000..000049}.tar")
+    cfg = _compose("+experiment=cifar10_vit")
+    assert cfg.data.train_shards == "/s/cifar10-train-{000000..000049}.tar" and cfg.data.val_shards is None
+    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    name = kwargs.pop("name")
+    model = create_model(name, num_classes=cfg.data.num_classes, **kwargs)
+    assert (cfg.model.img_size, cfg.model.patch_size, cfg.model.in_chans, cfg.data.num_classes) == (32, 4, 3, 10)
+    assert model_config(name, **kwargs).grid_size == (8, 8)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 5.36
+    assert round(flops_per_image(model) / 1e6) == 365
+    assert cfg.trainer.max_steps * cfg.trainer.global_batch_size / 50_000 == pytest.approx(200, abs=0.5)
+    assert (cfg.data.augment.mixup, cfg.data.augment.label_smoothing, cfg.optim.schedule.name) == \
+        (0.8, 0.1, "warmup_cosine")
+    c100 = _compose("+experiment=cifar10_vit", "data=cifar100")
+    assert c100.data.num_classes == 100 and c100.model.patch_size == 4
+
+
+@pytest.mark.slow
+def test_one_command_shards_verifies_and_trains(cifar10: tuple[Path, list, list], tmp_path: Path) -> None:
+    """`scripts/cifar10_vit.sh DIR` with the experiment's own model (ViT-Ti/4, RandAugment, mixup/cutmix,
+    label smoothing) and only the length, batch and side outputs made small: 2 steps of 2 images."""
+    folder, train, test = cifar10
+    work = tmp_path / "work"
+    env = {**os.environ, "CIFAR_WORK": str(work), "PYTHON": sys.executable, "DS_ACCELERATOR": "cpu",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1", "NPROC": "1"}
+    overrides = ["trainer.max_steps=2", "trainer.micro_batch_size=2", "trainer.global_batch_size=2",
+                 "trainer.log_every=1", "trainer.checkpoint_every=2", "trainer.precision=fp32", "data.num_workers=0",
+                 "eval.batch_size=4", "tracking.enabled=false", "tracking.figures=false", "trainer.peak_flops=1e11"]
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "cifar10_vit.sh"), str(folder), *overrides], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for split, n in (("train", len(train)), ("test", len(test))):
+        manifest = json.loads((work / "shards" / f"cifar10-{split}" / "manifest.json").read_text())
+        assert manifest["num_samples"] == n and manifest["source"]["kind"] == "cifar10"
+    out = work / "cifar10_vit"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert [r["eval/count"] for r in records if "eval/count" in r] == [len(test)]
+    resolved = (out / ".hydra" / "config.yaml").read_text()
+    assert "patch_size: 4" in resolved and "cifar10-train-000000.tar" in resolved
+    assert any((out / "export").iterdir())
