@@ -196,6 +196,29 @@ def test_one_batch_file_and_cifar100(foolbox_data: Path, cifar10: tuple[Path, li
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(s["png"]))), pixels)
 
 
+def test_both_splits_in_one_process_any_worker_count_and_rerun(foolbox_data: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """`python -m data_tools.cifar`: CIFAR-100 train + test shards, verified, patterns printed; the forked
+    writers (--workers 2) give the same bytes as one process; a rerun reuses every shard."""
+    from data_tools.cifar import main as cifar_main
+
+    c100, train, test = write_cifar100(tmp_path / "src", foolbox_data)
+    args = ["--src", str(c100), "--train-per-shard", "5", "--test-per-shard", "2", "--no-progress"]
+    assert cifar_main([*args, "--out", str(tmp_path / "w1")]) == 0
+    printed = capsys.readouterr().out
+    assert f"train: {tmp_path / 'w1' / 'cifar100-train'}/cifar100-train-{{000000..000003}}.tar" in printed
+    assert f"test: {tmp_path / 'w1' / 'cifar100-test'}/cifar100-test-{{000000..000001}}.tar" in printed
+    assert cifar_main([*args, "--out", str(tmp_path / "w2"), "--workers", "2"]) == 0
+    for split in ("train", "test"):
+        one, two = tmp_path / "w1" / f"cifar100-{split}", tmp_path / "w2" / f"cifar100-{split}"
+        assert {p.name: p.read_bytes() for p in one.glob("*.tar")} == {p.name: p.read_bytes() for p in two.glob("*.tar")}
+    assert len(read_shards(tmp_path / "w1" / "cifar100-train")) == len(train)
+    capsys.readouterr()
+    assert cifar_main([*args, "--out", str(tmp_path / "w1")]) == 0
+    assert "this run wrote 0 images in 0 shards (4 already complete)" in capsys.readouterr().out
+    assert cifar_main(["--src", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+
+
 class _Exploit:
     def __reduce__(self):  # noqa: ANN204
         return (os.system, ("echo pwned > /dev/null",))
