@@ -79,7 +79,7 @@ class HashedFile:
         return self.close_async(fsync).result()
 
     def abort(self) -> None:
-        """Stop without finishing (the caller leaves the temporary file to the stale-file cleanup)."""
+        """Stop without finishing; the caller deletes the temporary file (it may be what filled the disk)."""
         for future in self._in_flight:
             future.cancel()
         self._thread.shutdown(wait=True)

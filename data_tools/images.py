@@ -12,12 +12,17 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from data_tools.shard_format import (PASS_MODES, UnsupportedPixels, check_pixel_count, eight_bit, mode_refusal,
+                                     png_storable)
+
 try:
     import simplejpeg
 except ImportError:  # optional: Pillow parses JPEG headers too, ~25x slower
     simplejpeg = None
 
-Image.MAX_IMAGE_PIXELS = None  # huge scans are legitimate inputs; size limits belong to --resize-short-side
+# Huge scans are legitimate inputs when --resize-short-side shrinks them: Pillow's own bomb check
+# is off here and `shard_format.check_pixel_count` applies the readers' limit to what is stored.
+Image.MAX_IMAGE_PIXELS = None
 
 PASS_THROUGH = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 """Formats stored as they are; anything else (GIF, BMP, TIFF, ...) is re-encoded as PNG (lossless)."""
@@ -81,14 +86,30 @@ def inspect(data: bytes, check: str = "structure") -> Image.Image:
 
 
 def _encode(img: Image.Image, fmt: str, quality: int) -> bytes:
+    """`img` has been through `eight_bit`: its values are what the readers will see."""
     buf = io.BytesIO()
     if fmt == "JPEG":
         if img.mode not in ("RGB", "L"):
             img = img.convert("RGB")
         img.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False)
     else:
-        img.save(buf, format="PNG")
+        png_storable(img).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _stored_size(w: int, h: int, resize_short_side: int | None) -> tuple[int, int]:
+    """Size after --resize-short-side (unchanged when the short side is already small enough)."""
+    if resize_short_side is None or min(w, h) <= resize_short_side:
+        return w, h
+    scale = resize_short_side / min(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _check_pixels(w: int, h: int) -> None:
+    try:
+        check_pixel_count(w, h)
+    except UnsupportedPixels as e:
+        raise RejectedImage(str(e)) from None
 
 
 def prepare(
@@ -112,17 +133,21 @@ def prepare(
         else:
             _check_jpeg_end(data)
             if resize_short_side is None or min(w, h) <= resize_short_side:
+                _check_pixels(w, h)
                 return StoredImage(data, "jpg", (w, h), (w, h), "JPEG", False)
     img = inspect(data, check)
     fmt, (w, h) = img.format or "?", img.size
-    too_big = resize_short_side is not None and min(w, h) > resize_short_side
-    if not too_big and not reencode and fmt in PASS_THROUGH:
+    size = _stored_size(w, h, resize_short_side)
+    _check_pixels(*size)
+    refusal = mode_refusal(img.mode)  # from the header: refused before any pixel is decoded
+    if refusal:
+        raise RejectedImage(f"{fmt}: {refusal}")
+    if size == (w, h) and not reencode and fmt in PASS_THROUGH and img.mode in PASS_MODES:
         return StoredImage(data, PASS_THROUGH[fmt], (w, h), (w, h), fmt, False)
     try:
         img.load()
-        if too_big:
-            scale = resize_short_side / min(w, h)
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        img = eight_bit(img)  # 16-bit grey -> 8-bit, scaled: what readers would otherwise clip
+        if size != (w, h):
             img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
         out_fmt = "JPEG" if fmt == "JPEG" else "PNG"
         out = _encode(img, out_fmt, quality)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from data_tools.sources import Item
 
-TOOL_VERSION = "2"  # 2: GNU-format tar headers (1: PAX); part of every plan digest, so old shards are rewritten
+TOOL_VERSION = "3"  # 3: 16-bit PNG scaled to 8 bits, listing errors in shards; 2: GNU tar headers (1: PAX)
 """Bumped whenever shard bytes for the same input and options would change (resume compares it)."""
 TAR_BLOCK = 512
 KEY_STEM_CHARS = 48  # keeps `key.ext` inside the 100-character ustar name field
@@ -110,7 +110,7 @@ def _cut(members: list[Item], per_shard: int, max_bytes: int | None) -> list[lis
 def _digest(name: str, items: list[Item], options: dict) -> str:
     h = hashlib.sha256(json.dumps([TOOL_VERSION, name, options], sort_keys=True).encode())
     for it in items:
-        h.update(f"{it.ref}\t{it.size}\t{it.label}\t{json.dumps(it.extra, sort_keys=True)}\n".encode())
+        h.update(f"{it.ref}\t{it.size}\t{it.label}\t{json.dumps(it.extra, sort_keys=True)}{it.error}\n".encode())
     return h.hexdigest()
 
 

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from data_tools.plan import TOOL_VERSION, ShardPlan, brace_pattern, plan_shards
 from data_tools.sources import Source, SourceError, fingerprint, open_source, parse_class_names
-from data_tools.writer import STATE_DIR, PendingShard, ShardResult, WriteOptions, load_completed, start_shard, write_shard
+from data_tools.writer import (TMP_DIR, PendingShard, ShardResult, WriteOptions, atomic_write_text,
+                               load_completed, remove_temporaries, start_shard, write_shard)
 
 _worker_source: Source | None = None  # set per writer process (inherited with fork)
 
@@ -77,11 +78,16 @@ def _lock(out: Path):
     return handle
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    """Leftovers of a killed run; safe to delete because we hold the output lock."""
-    for folder in (out, out / STATE_DIR):
-        for p in folder.glob("*.tmp-*"):
-            p.unlink(missing_ok=True)
+def _warn_about_old_temporaries(out: Path, plans: list[ShardPlan]) -> None:
+    """Tool versions before 3 left `<shard>.tmp-<pid>` in OUT itself. Such a file cannot be proven
+    to be ours (a user may keep files there), so it is named, never deleted."""
+    planned = {p.name for p in plans}
+    old = sorted(p.name for p in out.glob("*.tmp-*")
+                 if p.name.rsplit(".tmp-", 1)[0] in planned and p.name.rsplit(".tmp-", 1)[1].isdigit())
+    if old:
+        print(f"warning: {len(old)} file(s) in {out} look like temporaries of an older data_tools.shard and are not "
+              f"deleted (delete them yourself if so): {', '.join(old[:5])}{' ...' if len(old) > 5 else ''}",
+              file=sys.stderr)
 
 
 def _run_plans(source: Source, todo: list[ShardPlan], out: Path, opts: WriteOptions,
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = open_source(args.src, labels=args.labels, class_names=parse_class_names(args.class_names),
                              split=args.split)
-    except SourceError as e:
+    except (SourceError, OSError) as e:  # OSError: e.g. a source file that cannot be read at all
         print(f"error: {e}", file=sys.stderr)
         return 2
     opts = WriteOptions(args.check, args.resize_short_side, args.reencode, args.quality, fsync=not args.no_fsync)
@@ -155,10 +161,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out: Path = args.out
-    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
-    _remove_stale_temporaries(out)
+    try:
+        (out / TMP_DIR).mkdir(parents=True, exist_ok=True)
+        lock = _lock(out)
+    except OSError as e:
+        print(f"error: --out {out}: cannot create or lock it ({e.strerror or e})", file=sys.stderr)
+        return 2
+    _warn_about_old_temporaries(out, plans)
+    try:
+        return _write(args, source, plans, options, opts, out)
+    except OSError as e:  # disk full, read-only or vanished output: one line, no temporaries left behind
+        remove_temporaries(out)
+        done = sum(load_completed(out, plan) is not None for plan in plans)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: writing {out}: {e.strerror or e}{where}; temporary files removed, {done} of {len(plans)} "
+              "shards complete and kept: fix the cause and rerun the same command to finish", file=sys.stderr)
+        return 1
+    except BaseException:
+        remove_temporaries(out)  # Ctrl-C, a bug: never leave partial shards behind either
+        raise
+    finally:
+        lock.close()
 
+
+def _write(args: argparse.Namespace, source: Source, plans: list[ShardPlan], options: dict, opts: WriteOptions,
+           out: Path) -> int:
+    remove_temporaries(out)  # of a killed run: only ever files in our own .shard-state/tmp/
     results: dict[str, ShardResult] = {}
     todo = []
     for plan in plans:
@@ -176,13 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
 
     manifest = build_manifest(source, plans, results, options)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    with open(out / "errors.jsonl", "w") as f:
-        for plan in plans:
-            for rej in results[plan.name].rejects:
-                f.write(json.dumps(rej, sort_keys=True) + "\n")
+    unlisted = list(getattr(source, "unlisted", []))
+    manifest["num_unlisted"] = len(unlisted)
+    errors = [json.dumps(rej, sort_keys=True) for plan in plans for rej in results[plan.name].rejects]
+    errors += [json.dumps({**entry, "shard": None}, sort_keys=True) for entry in unlisted]
+    atomic_write_text(out, out / "errors.jsonl", "".join(line + "\n" for line in errors))
+    atomic_write_text(out, out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     written = sum(results[p.name].num_samples for p in todo)
-    rejected = manifest["num_rejected"]
+    rejected = manifest["num_rejected"] + len(unlisted)
     nbytes = sum(s["bytes"] for s in manifest["splits"].values())
     print(f"shard: {manifest['num_samples']} images in {len(plans)} shards ({nbytes / 1e6:.1f} MB) -> {out}; "
           f"{rejected} rejected (errors.jsonl); this run wrote {written} images in {len(todo)} shards "
@@ -193,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {len(stale)} tar file(s) in {out} are not part of this plan (an earlier run with other "
               f"options?) and not in manifest.json: {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}",
               file=sys.stderr)
-    lock.close()
     return 0
 
 

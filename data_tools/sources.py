@@ -12,12 +12,15 @@ import hashlib
 import io
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from data_tools.listing import LabelError, is_utf8, printable, resolve_labels, walk_class
 
 
 class SourceError(ValueError):
@@ -30,6 +33,8 @@ class Item:
 
     `size` is the byte size the shard plan budgets for: the file size for files on disk
     (exact for pass-through), an upper-bound estimate for IDX images encoded on the fly.
+    `error`: why the listing could not use this entry (unreadable folder, dangling symlink, ...);
+    the writer rejects it into errors.jsonl with that reason instead of reading it.
     """
 
     index: int
@@ -37,6 +42,7 @@ class Item:
     label: int
     size: int
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    error: str = ""
 
 
 class Source(Protocol):
@@ -44,6 +50,7 @@ class Source(Protocol):
     root: Path
     class_names: list[str]
     items: list[Item]
+    # Optional `unlisted: list[dict]` ({"source", "reason"}): entries outside any class (errors.jsonl).
 
     def read(self, item: Item) -> bytes: ...
 
@@ -52,7 +59,7 @@ def _fingerprint(kind: str, items: list[Item], class_names: list[str]) -> str:
     """Identifies the listing (paths, sizes, labels) without reading image bytes."""
     h = hashlib.sha256(json.dumps([kind, class_names]).encode())
     for it in items:
-        h.update(f"{it.ref}\t{it.size}\t{it.label}\n".encode())
+        h.update(f"{it.ref}\t{it.size}\t{it.label}{chr(9) + it.error if it.error else ''}\n".encode())
     return h.hexdigest()
 
 
@@ -64,7 +71,9 @@ class FolderSource:
     """`root/<class>/**/<file>`: classes are the sorted sub-folder names (torchvision ImageFolder order).
 
     Every regular, non-hidden file is listed, whatever its extension: a non-image is rejected
-    into errors.jsonl by the writer instead of being skipped silently.
+    into errors.jsonl by the writer instead of being skipped silently. So is everything the walk
+    cannot list (unreadable folder, non-UTF-8 name, dangling symlink, symlink loop, FIFO): an
+    Item with `error` set. Entries beside the class folders go to `unlisted`.
     """
 
     kind = "folder"
@@ -72,25 +81,33 @@ class FolderSource:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._root = str(root)
-        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        self.unlisted: list[dict] = []
+        try:
+            entries = sorted(os.scandir(root), key=lambda e: e.name)
+        except OSError as e:
+            raise SourceError(f"{root}: cannot list the folder ({e.strerror or e})") from None
+        classes = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if not is_utf8(e.name):
+                raise SourceError(f"{root}: class folder {printable(e.name)!r} is not a UTF-8 name (class names go "
+                                  "into UTF-8 JSON): rename it")
+            if e.is_dir():
+                classes.append(e.name)
+            else:
+                why = "dangling symlink or symlink loop" if e.is_symlink() and not os.path.exists(e.path) else \
+                    "not in a class folder"
+                self.unlisted.append({"source": e.name, "reason": f"{why}: not listed"})
         if not classes:
             raise SourceError(f"{root}: no class sub-folders (expected ROOT/<class>/<image>)")
         self.class_names = classes
         self.items = []
         for label, name in enumerate(classes):
-            for rel in self._walk(self._root, name):
-                self.items.append(Item(len(self.items), rel, label, os.stat(os.path.join(self._root, rel)).st_size))
-
-    @staticmethod
-    def _walk(root: str, name: str) -> list[str]:
-        """Relative posix paths under `root/name`, in pathlib's order (component by component),
-        without a Path object per file (listing 10^7 files is mostly this loop)."""
-        found = []
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel_dir = Path(os.path.relpath(dirpath, root)).as_posix()
-            found += [f"{rel_dir}/{f}" for f in filenames if not f.startswith(".")]
-        return sorted(found, key=lambda rel: rel.split("/"))
+            files, problems = walk_class(self._root, name)
+            listed = [(rel, size, "") for rel, size in files] + [(rel, 0, why) for rel, why in problems]
+            for rel, size, why in sorted(listed, key=lambda entry: entry[0].split("/")):
+                self.items.append(Item(len(self.items), rel, label, size, error=why))
 
     def read(self, item: Item) -> bytes:
         with open(os.path.join(self._root, item.ref), "rb", buffering=0) as f:
@@ -101,77 +118,91 @@ class ManifestSource:
     """CSV (`path,label[,extra...]`, header optional) or JSONL (`{"path":..., "label":...}`).
 
     Relative paths resolve against the manifest's folder. Labels are either all integers
-    (class indices; names from `class_names` or the digits) or all names (indexed in sorted order).
-    Extra columns are kept and written to each sample's json.
+    (class indices; names from `class_names` or the digits) or all names (indexed in sorted order);
+    `listing.resolve_labels` turns every ambiguity into an error naming the line. The file is
+    UTF-8, with or without the byte-order mark spreadsheets write. Extra columns are kept and
+    written to each sample's json. A listed path that is not a regular file is rejected.
     """
 
     kind = "manifest"
 
     def __init__(self, path: Path, class_names: list[str] | None = None) -> None:
         self.root = path.parent
-        rows = self._read_jsonl(path) if path.suffix == ".jsonl" else self._read_csv(path)
+        text = self._read_text(path)
+        rows = self._read_jsonl(path, text) if path.suffix == ".jsonl" else self._read_csv(path, text)
         if not rows:
             raise SourceError(f"{path}: manifest lists no images")
-        labels = [r[1] for r in rows]
-        if all(_is_int(lab) for lab in labels):
-            indices = [int(lab) for lab in labels]
-            top = max(indices) + 1
-            names = class_names or [str(i) for i in range(top)]
-            if min(indices) < 0 or top > len(names):
-                raise SourceError(f"{path}: labels span 0..{top - 1} but {len(names)} class names are given")
-        else:
-            names = class_names or sorted({str(lab) for lab in labels})
-            lookup = {n: i for i, n in enumerate(names)}
-            missing = sorted({str(lab) for lab in labels} - lookup.keys())
-            if missing:
-                raise SourceError(f"{path}: labels {missing[:5]} are not among the class names")
-            indices = [lookup[str(lab)] for lab in labels]
-        self.class_names = list(names)
+        try:
+            indices, names = resolve_labels([(where, label) for where, _, label, _ in rows], class_names)
+        except LabelError as e:
+            raise SourceError(str(e)) from None
+        self.class_names = names
         self.items = []
-        for (rel, _, extra), label in zip(rows, indices):
-            full = (self.root / rel) if not os.path.isabs(rel) else Path(rel)
+        for (_, rel, _, extra), label in zip(rows, indices):
+            size, error = 0, ""
             try:
-                size = full.stat().st_size
+                st = self._path(rel).stat()
+                size = st.st_size
+                if not stat.S_ISREG(st.st_mode):
+                    error = "not a regular file"
             except OSError:
-                size = 0  # unreadable: the writer rejects it into errors.jsonl
-            self.items.append(Item(len(self.items), rel, label, size, extra))
+                pass  # missing or unreadable: the writer rejects it into errors.jsonl with the OS's reason
+            self.items.append(Item(len(self.items), rel, label, size, extra, error))
+
+    def _path(self, rel: str) -> Path:
+        return Path(rel) if os.path.isabs(rel) else self.root / rel
 
     @staticmethod
-    def _read_csv(path: Path) -> list[tuple[str, str, dict]]:
-        with open(path, newline="") as f:
-            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    def _read_text(path: Path) -> str:
+        data = path.read_bytes()
+        try:
+            return data.decode("utf-8-sig")  # drops the byte-order mark of "CSV UTF-8"
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise SourceError(f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); "
+                              "save the manifest as UTF-8 (\"CSV UTF-8\")") from None
+
+    def _read_csv(self, path: Path, text: str) -> list[tuple[str, str, str, dict]]:
+        """(where, path, label, extra columns) per data row; a first row reading `path,label`
+        (any case, spaces around) is the header."""
+        reader = csv.reader(io.StringIO(text, newline=""))
+        rows = []
+        for row in reader:
+            if row and any(c.strip() for c in row):
+                rows.append((reader.line_num, row))
         header = ["path", "label"]
-        if rows and rows[0][:2] == ["path", "label"]:
-            header, rows = rows[0], rows[1:]
+        if rows and [c.strip().casefold() for c in rows[0][1][:2]] == header:
+            header, rows = [c.strip() for c in rows[0][1]], rows[1:]
         out = []
-        for n, row in enumerate(rows, 2 if header != ["path", "label"] else 1):
+        for n, row in rows:
             if len(row) < 2:
-                raise SourceError(f"{path}:{n}: expected `path,label[,extra...]`, got {row!r}")
+                raise SourceError(f"{path}:{n}: expected `path,label[,extra...]`, got {row!r}"
+                                  + (" (a `;` or tab separated file? use commas)" if len(row) == 1 and
+                                     (";" in row[0] or "\t" in row[0]) else ""))
             extra = {header[i] if i < len(header) else f"col{i}": v for i, v in enumerate(row) if i >= 2}
-            out.append((row[0], row[1].strip(), extra))
+            out.append((f"{path}:{n}", row[0], row[1], extra))
+        if len(out) > 1 and header == ["path", "label"]:
+            where, first, label, _ = out[0]
+            if not self._path(first).exists() and all(r[2].strip() != label.strip() for r in out[1:]):
+                raise SourceError(f"{where}: `{','.join([first, label])}` looks like a header row (no such file, "
+                                  "and no other row has its label): a header must read `path,label[,...]`")
         return out
 
     @staticmethod
-    def _read_jsonl(path: Path) -> list[tuple[str, str, dict]]:
+    def _read_jsonl(path: Path, text: str) -> list[tuple[str, str, object, dict]]:
         out = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-                out.append((rec.pop("path"), rec.pop("label"), rec))
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                out.append((f"{path}:{n}", rec.pop("path"), rec.pop("label"), rec))
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
                 raise SourceError(f"{path}:{n}: expected a JSON object with path and label ({e})") from None
         return out
 
     def read(self, item: Item) -> bytes:
-        return (Path(item.ref) if os.path.isabs(item.ref) else self.root / item.ref).read_bytes()
-
-
-def _is_int(value: object) -> bool:
-    if isinstance(value, int):
-        return True
-    return isinstance(value, str) and value.lstrip("-").isdigit()
+        return self._path(item.ref).read_bytes()
 
 
 def _open_maybe_gz(path: Path) -> bytes:
@@ -271,5 +302,9 @@ def parse_class_names(value: str | None) -> list[str] | None:
         return None
     path = Path(value)
     if path.is_file():
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark would join the first name
+        except (OSError, UnicodeDecodeError) as e:
+            raise SourceError(f"--class-names {path}: not a readable UTF-8 file ({e})") from None
+        return [line.strip() for line in text.splitlines() if line.strip()]
     return [v.strip() for v in value.split(",")]

@@ -1,8 +1,10 @@
 """`python -m data_tools.verify OUT [--decode]`: re-read every shard and compare with manifest.json.
 
-Checks per shard: present, byte size, sha256, readable as a tar by webdataset's own iterator,
-sample count, and that every sample has an image, a `cls` within range and a `json`. With
---decode every image is also fully decoded. Exits 1 listing every problem (one line each).
+Checks per shard: present, byte size, sha256, readable as a tar to its end-of-archive marker
+(the readers' own tar iteration, `shard_format.iter_tar_files`), sample count, and that every
+sample has an image, a `cls` within range and a `json`. With --decode every image is also fully
+decoded under the readers' rules (pixel mode and pixel count, see `shard_format`). Exits 1
+listing every problem (one line each).
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import sys
 from pathlib import Path
 
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
+
+from data_tools.shard_format import UnsupportedPixels, check_pixel_count, eight_bit, iter_tar_files
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -25,6 +29,20 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _decode_problem(data: bytes) -> str | None:
+    """Why a reader would not get this image's pixels right, or None."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        check_pixel_count(*img.size)
+        img.load()
+        eight_bit(img)
+    except UnsupportedPixels as e:
+        return str(e)
+    except Exception as e:
+        return f"does not decode ({e})"
+    return None
 
 
 def check_shard(path: Path, entry: dict, num_classes: int, decode: bool) -> list[str]:
@@ -42,7 +60,7 @@ def check_shard(path: Path, entry: dict, num_classes: int, decode: bool) -> list
     count = 0
     try:
         with open(path, "rb") as f:
-            files = ({**m, "__url__": name} for m in tar_file_iterator(f))
+            files = ({**m, "__url__": name} for m in iter_tar_files(f))
             for sample in group_by_keys(files):
                 count += 1
                 key = sample["__key__"]
@@ -55,10 +73,9 @@ def check_shard(path: Path, entry: dict, num_classes: int, decode: bool) -> list
                 if "json" not in sample:
                     problems.append(f"{name}: {key}: no json member")
                 if decode and ext is not None:
-                    try:
-                        Image.open(io.BytesIO(sample[ext])).load()
-                    except Exception as e:
-                        problems.append(f"{name}: {key}.{ext}: does not decode ({e})")
+                    problem = _decode_problem(sample[ext])
+                    if problem:
+                        problems.append(f"{name}: {key}.{ext}: {problem}")
     except Exception as e:
         problems.append(f"{name}: unreadable tar after {count} samples ({e})")
     if count != entry["num_samples"]:

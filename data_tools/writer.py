@@ -2,9 +2,12 @@
 
 Bytes are deterministic: webdataset's TarWriter (see ShardTarWriter) with a fixed mtime, owner and mode,
 members in sorted key order, and plan-fixed sample order.
-The tar goes to `<name>.tmp-<pid>`, is fsynced (unless the caller opts out) and renamed only
-when complete; then a small sidecar (`.shard-state/<name>.json`: plan digest, sha256, count,
-rejects) is written, also atomically. Resume trusts a shard only with a matching sidecar.
+The tar goes to `.shard-state/tmp/<name>.tmp-<pid>`, is fsynced (unless the caller opts out)
+and renamed into place only when complete; then a small sidecar (`.shard-state/<name>.json`:
+plan digest, sha256, count, rejects) is written, also atomically. Resume trusts a shard only
+with a matching sidecar. Temporaries live only in the sharder's own `.shard-state/tmp/`, so
+cleaning up never touches a user's file, and a failed write (disk full) removes its temporary
+at once instead of leaving it to keep the disk full.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from data_tools.plan import ShardPlan, sample_key
 from data_tools.sources import Source
 
 STATE_DIR = ".shard-state"
+TMP_DIR = f"{STATE_DIR}/tmp"  # everything in it was written by data_tools.shard (see remove_temporaries)
 COPY_BUFSIZE = 4 << 20  # tarfile copies each member in 16 KiB pieces by default: one piece per image here
 FIXED_MTIME = 0  # reproducible tars: no wall-clock time inside
 TAR_OWNER = {"user": "root", "group": "root", "mode": 0o444, "mtime": FIXED_MTIME}
@@ -87,10 +91,29 @@ def load_completed(out: Path, plan: ShardPlan) -> ShardResult | None:
     return None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def temporary(out: Path, name: str) -> Path:
+    return out / TMP_DIR / f"{name}.tmp-{os.getpid()}"
+
+
+def remove_temporaries(out: Path) -> int:
+    """Delete what earlier or failed runs left in `.shard-state/tmp/` (only this tool writes
+    there, and the caller holds the output lock); returns how many were deleted."""
+    removed = 0
+    for p in (out / TMP_DIR).glob("*.tmp-*"):
+        p.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def atomic_write_text(out: Path, path: Path, text: str) -> None:
+    """Write `path` (inside `out`) through a temporary in `.shard-state/tmp/`: whole or not at all."""
+    tmp = temporary(out, path.name)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class PendingShard:
@@ -103,14 +126,22 @@ class PendingShard:
         self.sha256 = sink.close_async(fsync)
 
     def finish(self) -> ShardResult:
-        sha256 = self.sha256.result()
-        os.replace(self.tmp, self.out / self.plan.name)
+        try:
+            sha256 = self.sha256.result()  # re-raises a failed write (disk full) or fsync
+            os.replace(self.tmp, self.out / self.plan.name)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         for r in self.rejects:
             r["shard"] = self.plan.name
         result = ShardResult(self.plan.name, self.plan.split, self.plan.digest, self.count, len(self.rejects),
                              self.sink.size, sha256, self.rejects)
-        _atomic_write_text(state_path(self.out, self.plan.name),
-                           json.dumps(asdict(result) | {"skipped": False}, sort_keys=True))
+        try:
+            atomic_write_text(self.out, state_path(self.out, self.plan.name),
+                              json.dumps(asdict(result) | {"skipped": False}, sort_keys=True))
+        except BaseException:  # without its sidecar the shard is rewritten anyway: free its space now
+            (self.out / self.plan.name).unlink(missing_ok=True)
+            raise
         return result
 
 
@@ -123,11 +154,14 @@ def start_shard(source: Source, plan: ShardPlan, out: Path, opts: WriteOptions, 
     calling `finish()` on this one, so that this one's fsync overlaps that work."""
     rejects: list[dict] = []
     count = 0
-    tmp = out / f"{plan.name}.tmp-{os.getpid()}"
+    tmp = temporary(out, plan.name)
     sink = HashedFile(tmp)
     try:
         tw = ShardTarWriter(sink, **TAR_OWNER)
         for item in plan.items:
+            if item.error:  # the listing could not use it (unreadable folder, dangling symlink, ...)
+                rejects.append({"source": item.ref, "reason": item.error})
+                continue
             try:
                 data = source.read(item)
             except OSError as e:
@@ -148,5 +182,6 @@ def start_shard(source: Source, plan: ShardPlan, out: Path, opts: WriteOptions, 
         tw.close()
     except BaseException:
         sink.abort()
+        tmp.unlink(missing_ok=True)
         raise
     return PendingShard(plan, out, tmp, sink, count, rejects, opts.fsync)
