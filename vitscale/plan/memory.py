@@ -265,22 +265,23 @@ def activation_bytes(model: Any, micro_batch: int, *, precision: str, ac_every: 
     T = gh * gw + cfg.num_prefix_tokens
     D, Hd, H = cfg.embed_dim, cfg.mlp_hidden_dim, cfg.num_heads
     stat = 4 if (device == "cuda" or b == 4) else b
+    mask = 1 if device == "cuda" else b  # dropout masks: bool on CUDA, the input dtype on CPU
     drop = training and cfg.dropout > 0
     adrop = training and cfg.attn_dropout > 0
 
     tok = B * T
-    block = tok * (5 * D + D + 2 * Hd) * b  # x, LN1, qkv, attn out, x+attn, LN2 (D each; qkv 3D) + fc1, GELU
+    block = tok * (8 * D + 2 * Hd) * b  # x, LN1, qkv (3D), attn out, x+attn, LN2 (D each) + fc1, GELU (4D)
     block += 2 * 2 * tok * stat  # two LayerNorms: mean, rstd
     block += B * H * T * 4  # SDPA log-sum-exp (fp32)
     if attention == "explicit":
-        block += 3 * tok * D * b + B * H * T * T * b  # scaled q, k, contiguous output; probabilities
-        block -= B * H * T * 4  # no log-sum-exp
+        # math path: scaled q, k^T and a contiguous v replace the qkv buffer (same 3D), the output
+        # copy replaces the kernel's output (same D); the (H, T, T) probabilities come on top.
+        block += B * H * T * T * b - B * H * T * 4
         if adrop:
-            block += B * H * T * T * (1 + b)  # mask + dropped probabilities
-    elif adrop:
-        block += B * H * T * T * 1  # SDPA's dropout needs its mask recomputed, GPU kernels keep RNG state only
-    if drop:  # proj_drop, drop1 (hidden), drop2: bool masks, and the dropped tensors feed the next op
-        block += tok * (D + Hd + D) * 1
+            block += B * H * T * T * (mask + b)  # mask + dropped probabilities
+    # (SDPA kernels with attention dropout keep only the RNG state and recompute the mask.)
+    if drop:  # proj_drop, drop1 (hidden), drop2 masks; the dropped tensors replace the ones saved before
+        block += tok * (D + Hd + D) * mask
     if training and cfg.drop_path > 0:
         block += 2 * B * b
 
@@ -294,7 +295,7 @@ def activation_bytes(model: Any, micro_batch: int, *, precision: str, ac_every: 
     if cfg.is_hybrid:  # ResNet stem: roughly 3 saved tensors per conv output (conv in, GN in, act)
         embed += _hybrid_stem_bytes(cfg, B, b)
     if drop:
-        embed += tok * D * 1
+        embed += tok * D * mask
     # Head: final LN (input + stats; its output feeds the token select / pooling), pre-logits, logits.
     head = tok * D * b + 2 * tok * stat + tok * D * b
     feats = cfg.representation_size or D
