@@ -25,6 +25,7 @@ from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH
 
 from vitscale.tracking.base import NullTracker, Tracker
 from vitscale.tracking.provenance import data_fingerprints, flatten_params, git_commit
+from vitscale.tracking.replay import UNSENT_METRICS, replay_command, write_unsent_registrations
 from vitscale.tracking.registry import (
     CHECKPOINT_ARTIFACT_DIR, OUTPUT_DIR_TAG, RegisteredVersion, check_export_dir, register_export, source_lineage,
 )
@@ -69,6 +70,7 @@ class MlflowTracker(Tracker):
         self._started = False
         self.run_id = None
         self.registered: list[RegisteredVersion] = []
+        self._unsent_registrations: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------ run lifecycle
     def start(self, cfg: Any, ds_config: Mapping[str, Any] | None = None,
@@ -260,10 +262,16 @@ class MlflowTracker(Tracker):
         aliases = tuple(aliases)
         metrics = dict(metrics or {})
 
+        record = {"export_dir": str(export_dir), "name": name, "step": step, "metrics": metrics,
+                  "best_metric": best_metric, "mode": mode, "aliases": list(aliases),
+                  "tags": {str(k): str(v) for k, v in (tags or {}).items()}}
+        self._unsent_registrations.append(record)  # until the server confirms it (end() writes it out)
+
         def send(run_id: str) -> RegisteredVersion:
             version = register_export(self._client_or_create(), run_id, export_dir, name, step=step,
                                       metrics=metrics, best_metric=best_metric, mode=mode,
                                       aliases=aliases, tags=tags)
+            self._unsent_registrations.remove(record)
             self.registered.append(version)
             log.info("MLflow: registered %s (aliases %s)", version.uri, ", ".join(version.aliases))
             return version
@@ -330,23 +338,31 @@ class MlflowTracker(Tracker):
         self._res.allow_now()  # one last try regardless of the retry interval
         if self.flush() and self.run_id is not None:
             self._res.call("end run", lambda: self._client_or_create().set_terminated(self.run_id, status))
-        if self.pending or self._dropped_metrics or self._res.failures:
+        if self.pending or self._dropped_metrics or self._res.failures or self._unsent_registrations:
             self._spill_unsent(status)
         self._started = False
 
     def _spill_unsent(self, status: str) -> None:
-        """Nothing is lost silently: unsent metrics go to a JSONL file and one warning says where."""
-        path = self.local_dir / "unsent_metrics.jsonl"
+        """Nothing is lost silently: unsent metrics and registrations go to JSONL files that
+        ``python -m vitscale.tracking.replay`` sends later, and one warning says where."""
+        path = self.local_dir / UNSENT_METRICS
         if self._metrics:
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as fh:
                 for m in self._metrics:
                     fh.write(json.dumps({"key": m.key, "value": m.value, "step": m.step,
                                          "timestamp": m.timestamp}) + "\n")
+        saved = [f"metrics to {path}"] if self._metrics else []
+        if self._unsent_registrations:
+            regs = write_unsent_registrations(self.local_dir, self._unsent_registrations, run_id=self.run_id,
+                                              settings=self.settings, tracking_uri=self.tracking_uri)
+            saved.append(f"{len(self._unsent_registrations)} model registration(s) to {regs}")
+        others = len(self._pending) - len(self._unsent_registrations)
         log.warning("MLflow tracking summary (run %s, %s): %d failed calls, %d metrics dropped, "
-                    "%d metrics and %d calls unsent%s", self.run_id, status, self._res.failures,
-                    self._dropped_metrics, len(self._metrics), len(self._pending),
-                    f" (metrics saved to {path})" if self._metrics else "")
+                    "%d metrics and %d other calls unsent%s", self.run_id, status, self._res.failures,
+                    self._dropped_metrics, len(self._metrics), max(others, 0),
+                    f"; saved {' and '.join(saved)}: send them with `{replay_command(self.local_dir)}`"
+                    if saved else "")
 
 
 def make_tracker(cfg: Any, rank: int = 0) -> Tracker:

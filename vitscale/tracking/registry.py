@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +16,14 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 
-from vitscale.tracking.uris import URI_FORMS, LocalURI, ModelURI, RunURI, parse_uri, resolve_tracking_uri
+from vitscale.tracking.cache import cache_root as _cache_root
+from vitscale.tracking.cache import download_once as _download_once
+from vitscale.tracking.cache import recall, remember
+from vitscale.tracking.cache import safe_part as _safe
+from vitscale.tracking.reach import DEFAULT_TIMEOUT_S, TrackingUnreachable, fast_fail_http, server_of, unreachable_reason
+from vitscale.tracking.uris import (
+    URI_FORMS, LocalURI, ModelURI, RunURI, parse_uri, resolve_tracking_uri,
+)
 
 log = logging.getLogger("vitscale.tracking")
 WEIGHTS_FILE = "model.safetensors"
@@ -59,6 +62,7 @@ class ResolvedWeights:
     model_name: str | None = None
     version: str | None = None
     run_id: str | None = None
+    cached_at: str | None = None  # set when the server was down and an earlier resolution was reused
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -68,6 +72,8 @@ class ResolvedWeights:
 
     def lineage_tags(self) -> dict[str, str]:
         tags = {"finetune.source_uri": self.uri}
+        if self.cached_at:
+            tags["finetune.source_cached_at"] = self.cached_at
         if self.model_name:
             tags |= {"finetune.source_model": self.model_name, "finetune.source_version": str(self.version)}
         if self.run_id:
@@ -201,36 +207,6 @@ def source_lineage(client: MlflowClient, uri: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- resolve
-def _cache_root() -> Path:
-    return Path(os.environ.get("VITSCALE_CACHE", Path.home() / ".cache" / "vitscale"))
-
-
-def _safe(part: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", part)
-
-
-def _download_once(fetch, final: Path) -> Path:
-    """Download via `fetch(tmp_dir) -> path inside tmp` into `final` atomically; reuse it if present.
-
-    Concurrent ranks/jobs each download into their own temp sibling and `os.replace` it into place,
-    so a half-written directory is never visible and a second caller reuses the first one's copy.
-    """
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        got = Path(fetch(tmp))
-        try:
-            os.replace(got, final)
-        except OSError:  # another process finished first: keep theirs
-            if not final.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def _newest_export_local(root: Path) -> Path | None:
     exports = sorted(p.parent for p in (root / EXPORT_ARTIFACT_DIR).glob(f"*/{WEIGHTS_FILE}"))
     return exports[-1] if exports else None
@@ -251,13 +227,16 @@ def resolve_weights(
     dst: Path | None = None,
     tracking_uri: str | None = None,
     registry_uri: str | None = None,
+    timeout_s: int = DEFAULT_TIMEOUT_S,
 ) -> ResolvedWeights:
     """Local directory with model.safetensors + model_config.json for any accepted weights URI.
 
     Accepts models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/artifact/path] (no path: the
     run's newest export), a local export directory or its model.safetensors, or a training
     output_dir (its newest export/<tag>). Downloads are cached under $VITSCALE_CACHE (default
-    ~/.cache/vitscale) or `dst`.
+    ~/.cache/vitscale) or `dst`. A server that does not answer within `timeout_s` (no MLflow-level
+    retries) falls back to this machine's last resolution of the same URI, with a warning, or raises
+    TrackingUnreachable: one line naming the server.
     """
     parsed = parse_uri(uri)
     text = str(uri)
@@ -273,6 +252,35 @@ def resolve_weights(
     tracking_uri = resolve_tracking_uri(tracking_uri)
     # Without an explicit registry URI MLflow falls back to the *global* one, not this tracking URI.
     registry_uri = registry_uri or tracking_uri
+    server = server_of(registry_uri if isinstance(parsed, ModelURI) else tracking_uri)
+    try:
+        with fast_fail_http(timeout_s):
+            resolved = _resolve_remote(parsed, text, dst, tracking_uri, registry_uri)
+    except Exception as exc:  # noqa: BLE001 - only outages are handled here; everything else re-raised
+        reason = unreachable_reason(exc)
+        if reason is None:
+            raise
+        cached = recall(server, text)
+        if cached is None:
+            raise TrackingUnreachable(
+                f"MLflow server {server} unreachable ({reason}, {timeout_s}s timeout) while resolving {text}, "
+                f"and no earlier resolution is cached on this machine ({_cache_root()}); start the server, "
+                f"point tracking.uri / MLFLOW_TRACKING_URI at a running one, or pass a local export "
+                f"directory") from None
+        log.warning("MLflow server %s unreachable (%s): using the copy of %s resolved on %s%s at %s",
+                    server, reason, text, cached["resolved_at"],
+                    f" (version {cached['version']})" if cached.get("version") else "", cached["path"])
+        path = Path(cached["path"])
+        check_export_dir(path)
+        return ResolvedWeights(path, text, cached.get("model_name"), cached.get("version"), cached.get("run_id"),
+                               cached_at=cached["resolved_at"])
+    remember(server, text, resolved.path, model_name=resolved.model_name, version=resolved.version,
+             run_id=resolved.run_id)
+    return resolved
+
+
+def _resolve_remote(parsed: ModelURI | RunURI, text: str, dst: Path | None, tracking_uri: str,
+                    registry_uri: str) -> ResolvedWeights:
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
     if isinstance(parsed, ModelURI):
         try:
@@ -286,7 +294,7 @@ def resolve_weights(
                 raise
             what = f"alias {parsed.alias!r}" if parsed.alias else f"version {parsed.version}"
             raise LookupError(f"registered model {parsed.name!r} has no {what} "
-                              f"(registry at {registry_uri}): {_one_line(exc)}") from None
+                              f"(registry at {server_of(registry_uri)}): {_one_line(exc)}") from None
         sub = f"/{parsed.subpath}" if parsed.subpath else ""
         # run ids are globally unique, so two stores with a "v1" of the same name never share a cache entry
         leaf = f"v{mv.version}-{(mv.run_id or 'norun')[:12]}{_safe(sub)}"
@@ -299,7 +307,6 @@ def resolve_weights(
         check_export_dir(path)
         return ResolvedWeights(path, text, parsed.name, str(mv.version), mv.run_id)
 
-    assert isinstance(parsed, RunURI)
     _get_run(client, parsed.run_id)
     artifact_path = parsed.path or _newest_export_artifact(client, parsed.run_id)
     final = Path(dst) if dst else _cache_root() / "runs" / parsed.run_id / _safe(artifact_path)
@@ -327,19 +334,29 @@ def _newest_export_artifact(client: MlflowClient, run_id: str) -> str:
 
 
 def _local_checkpoint_root(path: Path) -> Path | None:
+    """A folder holding checkpoints: a `latest` file, or tag folders with a checksum manifest."""
     for root in (path, path / CHECKPOINT_ARTIFACT_DIR):
-        if (root / "latest").is_file():
+        if (root / "latest").is_file() or any(root.glob("step_*/manifest.json")):
             return root
     return None
 
 
-def resolve_resume(
-    uri: str | Path, *, dst: Path | None = None, tracking_uri: str | None = None
-) -> ResolvedCheckpoint:
-    """Local DeepSpeed checkpoint root (with `latest`) to resume from, for runs:/RUN_ID or a local path.
+def _latest_tag(root: Path) -> str:
+    marker = root / "latest"
+    return marker.read_text().strip() if marker.is_file() else ""
 
-    For a run, its recorded output_dir is used when it is reachable from this machine (shared disk);
-    otherwise the run's `checkpoints/` artifacts (Tracker.log_checkpoint) are downloaded.
+
+def resolve_resume(
+    uri: str | Path, *, dst: Path | None = None, tracking_uri: str | None = None,
+    timeout_s: int = DEFAULT_TIMEOUT_S,
+) -> ResolvedCheckpoint:
+    """Local DeepSpeed checkpoint root to resume from, for runs:/RUN_ID or a local path. `tag` is what
+    `latest` names ("" without one); the engine verifies checksums and picks among the tags itself.
+
+    For a run, its recorded output_dir is used when it is reachable from this machine (shared disk;
+    extra["source"] == "output_dir"); otherwise the run's `checkpoints/` artifacts
+    (Tracker.log_checkpoint) are downloaded. A server that does not answer within `timeout_s` raises
+    TrackingUnreachable (one line naming it).
     """
     parsed = parse_uri(uri)
     if isinstance(parsed, LocalURI):
@@ -347,16 +364,29 @@ def resolve_resume(
         if root is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint at {parsed.path}: expected a folder holding "
                                     f"'latest' (or {CHECKPOINT_ARTIFACT_DIR}/latest)")
-        return ResolvedCheckpoint(root, (root / "latest").read_text().strip())
+        return ResolvedCheckpoint(root, _latest_tag(root))
     if not isinstance(parsed, RunURI):
         raise ValueError(f"resume URI {uri!r} must be runs:/RUN_ID or a local checkpoint folder")
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    try:
+        with fast_fail_http(timeout_s):
+            return _resume_from_run(parsed, dst, MlflowClient(tracking_uri=tracking_uri))
+    except Exception as exc:  # noqa: BLE001 - only outages are rewritten; everything else re-raised
+        reason = unreachable_reason(exc)
+        if reason is None:
+            raise
+        raise TrackingUnreachable(f"MLflow server {server_of(tracking_uri)} unreachable ({reason}, {timeout_s}s "
+                                  f"timeout) while resolving resume={uri}; start the server or resume from a "
+                                  f"local checkpoint path") from None
+
+
+def _resume_from_run(parsed: RunURI, dst: Path | None, client: MlflowClient) -> ResolvedCheckpoint:
     run = _get_run(client, parsed.run_id)
     output_dir = run.data.tags.get(OUTPUT_DIR_TAG)
     if output_dir and not parsed.path:
         root = _local_checkpoint_root(Path(output_dir))
         if root is not None:
-            return ResolvedCheckpoint(root, (root / "latest").read_text().strip(), parsed.run_id)
+            return ResolvedCheckpoint(root, _latest_tag(root), parsed.run_id, {"source": "output_dir"})
     prefix = parsed.path or CHECKPOINT_ARTIFACT_DIR
     names = {Path(f.path).name for f in client.list_artifacts(parsed.run_id, prefix)}
     if "latest" not in names:
@@ -370,7 +400,7 @@ def resolve_resume(
     _download_once(lambda tmp: download_artifacts(run_id=parsed.run_id, artifact_path=f"{prefix}/{tag}",
                                                   dst_path=str(tmp), tracking_uri=client.tracking_uri), target)
     (final / "latest").write_text(tag)
-    return ResolvedCheckpoint(final, tag, parsed.run_id)
+    return ResolvedCheckpoint(final, tag, parsed.run_id, {"source": "artifacts"})
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:

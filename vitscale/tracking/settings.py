@@ -52,13 +52,18 @@ class TrackingSettings:
         settings = cls(**{k: v for k, v in tracking.items() if v is not None})
         if resume and not settings.run_id:
             if str(resume) == "auto":
-                if output_dir and (Path(output_dir) / "checkpoints" / "latest").is_file():
+                if output_dir and _has_checkpoint(Path(output_dir) / "checkpoints"):
                     recorded = Path(output_dir) / "tracking" / RUN_ID_FILE
                     settings.run_id = recorded.read_text().strip() if recorded.is_file() else None
             elif isinstance(parsed := parse_uri(resume), RunURI):
                 settings.run_id = parsed.run_id
         return settings
 
+
+def _has_checkpoint(root: Path) -> bool:
+    """What the engine's resume=auto would resume from: a `latest` file or a tag with a manifest
+    (resume=auto no longer needs `latest`, so neither may the run it continues)."""
+    return (root / "latest").is_file() or any(root.glob("step_*/manifest.json"))
 
 
 def to_container(cfg: Any) -> dict[str, Any]:
