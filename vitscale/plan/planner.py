@@ -141,8 +141,17 @@ def comm_bytes_per_step(stage: str, psi: int, b: int, world: int, accumulation: 
     return accumulation * 3 * f  # ZeRO-3: gather for forward and backward, reduce-scatter gradients
 
 
+def _normalise(cfg: DictConfig) -> DictConfig:
+    """A fine-tune experiment without its (mandatory) source still plans as a fine-tune."""
+    if OmegaConf.is_missing(cfg.finetune, "source"):
+        cfg = cfg.copy()
+        cfg.finetune.source = "planned-fine-tune"
+    return cfg
+
+
 def make_plan(cfg: DictConfig) -> dict[str, Any]:
     """The whole plan as plain data: setting, one row per stage x AC policy, run totals."""
+    cfg = _normalise(cfg)
     s = _plan_settings(cfg)
     register_gpus(s["gpu_table"])
     gpu = get_gpu(str(s["gpu"]))

@@ -54,7 +54,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"{(conf['states'] + conf['buffers'] + tot['configured_micro_batch'] * conf['act_per_image']) / GB:.1f} "
         f"of {st['gpu_memory'] * (1 - st['headroom']) / GB:.1f} GiB usable)",
         f"run: {tot['steps']:,} steps x {tot['global_batch']} = {tot['images'] / 1e9:.3f}B images{ep}; "
-        f"{tot['train_flops']:.3e} FLOPs ({tot['train_flops'] / 1e21:,.0f} exaFLOPs, "
+        f"{tot['train_flops']:.3e} FLOPs ({tot['train_flops'] / 1e18:,.0f} exaFLOPs, "
         f"{tot['flops_per_image_fwd'] * 3 / 1e9:.1f} GFLOPs per image fwd+bwd)",
         f"     {_dur(tot['wall_clock_hours']).strip()} wall-clock, {tot['gpu_hours']:,.0f} GPU-hours "
         f"(configured row's step time {conf['step_s']:.2f} s)",
