@@ -160,6 +160,8 @@ def _read_manifest(path: Path) -> dict[str, dict] | None:
         raise ManifestError(f"{path}: unreadable ({e.strerror or e})") from None
     try:
         manifest = json.loads(text)
+        if not isinstance(manifest, dict) or "splits" not in manifest:
+            return None  # some other tool's manifest.json: it states no shard counts
         return {s["name"]: s for split in manifest["splits"].values() for s in split["shards"]}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ManifestError(f"{path}: not a data_tools.shard manifest ({type(e).__name__}: {e}); "

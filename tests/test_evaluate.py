@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 import time
 from pathlib import Path
 
@@ -184,3 +185,39 @@ def test_checkpoint_alone_is_evaluated_with_its_training_preprocessing(tmp_path)
     assert training_preprocessing(tmp_path, 3) == EvalPreprocessing((0.5,) * 3, (0.5,) * 3, 0.875)
     (tmp_path / "train_config.yaml").write_text("data:\n  mean: [0.286]\n  std: [0.353]\n  eval_crop_pct: 1.0\n")
     assert training_preprocessing(tmp_path, 1) == EvalPreprocessing((0.286,), (0.353,), 1.0)
+
+
+def _tiny_export(root: Path) -> Path:
+    from vitscale.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_ti16", img_size=28, patch_size=7, in_chans=1, num_classes=4, embed_dim=32,
+                         depth=1, num_heads=2)
+    root.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "model.safetensors")
+    (root / "model_config.json").write_text(json.dumps(model.config))
+    return root
+
+
+def test_cli_fails_when_a_shard_is_cut_short(tmp_path):
+    """Issue 12: a damaged tar header made the CLI report `eval/count` over half a shard, exit 0.
+    Now a damaged tar, or a count other than the manifest's, stops it (data.max_bad_shards=0)."""
+    from vitscale.data import BadShardsError
+
+    export = _tiny_export(tmp_path / "export")
+    val = _write_shards(tmp_path / "shards", "val", 10, 2, seed=1)
+    first = tmp_path / "shards" / "val-000000.tar"
+    entries = [{"name": p.name, "num_samples": 20, "bytes": p.stat().st_size}
+               for p in sorted(first.parent.glob("*.tar"))]
+    entries[1]["num_samples"] = 21  # the manifest knows of one sample more than the tar holds
+    (first.parent / "manifest.json").write_text(json.dumps({"splits": {"val": {"shards": entries}}}))
+    with pytest.raises(BadShardsError, match="val-000001.tar: unreadable after 20 samples .*manifest.json says 21"):
+        main(["--weights", str(export), "--val-shards", val, "--topk"])
+    (first.parent / "manifest.json").unlink()
+    with tarfile.open(first) as tar:
+        offset = tar.getmembers()[20].offset
+    data = bytearray(first.read_bytes())
+    data[offset + 100:offset + 108] = b"\xff" * 8  # a damaged member header: tarfile stops there quietly
+    first.write_bytes(bytes(data))
+    with pytest.raises(BadShardsError, match="damaged member header"):
+        main(["--weights", str(export), "--val-shards", val, "--topk"])

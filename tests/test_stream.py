@@ -161,8 +161,10 @@ def test_bad_shards_are_counted_then_fatal(shards: dict, tmp_path: Path) -> None
     broken = tmp_path / "broken.tar"
     broken.write_bytes(Path(shards["train"][0]).read_bytes()[:5000])
     urls = [str(broken), str(tmp_path / "missing.tar")]
+    with pytest.raises(ValueError, match="missing.tar: No such file"):  # checked before any worker starts
+        loader(data_cfg(shards, train_shards=urls))
     with pytest.raises(BadShardsError, match="more than data.max_bad_shards=0"):
-        take(loader(data_cfg(shards, train_shards=urls)), 1)
+        take(loader(data_cfg(shards, train_shards=urls[:1])), 1)
     tolerant = loader(data_cfg(shards, train_shards=shards["train"][:2] + urls, max_bad_shards=1000))
     assert len(take(tolerant, 8)) == 8 and tolerant.bad_shards > 0  # half the draws hit a bad shard
     ev = build_eval_loader(shards["val"] + urls, batch_size=4, rank=0, world_size=1, img_size=16, in_chans=3,

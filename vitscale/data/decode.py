@@ -15,6 +15,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from data_tools.shard_format import check_pixel_count, eight_bit
+
 try:
     import simplejpeg
 except ImportError:  # optional: Pillow decodes everything, only slower
@@ -31,14 +33,19 @@ def pil_mode(in_chans: int) -> str:
 
 
 def image_size(data: bytes, ext: str) -> tuple[int, int]:
-    """(width, height) from the header alone."""
+    """(width, height) from the header alone; more pixels than data_tools.shard accepts
+    (`MAX_IMAGE_PIXELS`) is an UnsupportedPixels error naming the size."""
+    size = None
     if ext in JPEG_EXTS and simplejpeg is not None:
         try:
             h, w = simplejpeg.decode_jpeg_header(data)[:2]
-            return w, h
+            size = w, h
         except ValueError:
             pass
-    return Image.open(io.BytesIO(data)).size
+    if size is None:
+        size = Image.open(io.BytesIO(data)).size
+    check_pixel_count(*size)
+    return size
 
 
 _POWER_OF_TWO_DIVISORS = (8, 4, 2)
@@ -70,7 +77,7 @@ def decode_image(data: bytes, ext: str, in_chans: int, min_size: tuple[int, int]
                                           min_width=min_w, min_height=min_h)
         except ValueError:
             pass  # unsupported JPEG flavour: Pillow below
-    img = Image.open(io.BytesIO(data))
+    img = eight_bit(Image.open(io.BytesIO(data)))  # 16-bit grey scaled, not clipped at 255
     if img.mode != mode:
         img = img.convert(mode)
     arr = np.array(img)  # writable: torch.from_numpy shares it

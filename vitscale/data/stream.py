@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vitscale.data.checks import check_train_shards
 from vitscale.data.config import DataConfig, parse_data_config
 from vitscale.data.decode import find_image
 from vitscale.data.shards import ShardReadError, iter_raw_samples
@@ -46,8 +47,10 @@ class _TrainShardStream(IterableDataset):
     with its logical worker id and that worker's position after the item."""
 
     def __init__(self, urls: list[str], cfg: DataConfig, *, batch_size: int, rank: int, seed: int,
-                 img_size: int, in_chans: int, positions: dict[int, tuple[int, int]], rotation: int) -> None:
+                 img_size: int, in_chans: int, positions: dict[int, tuple[int, int]], rotation: int,
+                 expected: dict[str, int] | None = None) -> None:
         self.urls, self.cfg, self.batch_size = urls, cfg, batch_size
+        self.expected = expected or {}  # url -> sample count from its manifest.json
         self.rank, self.seed, self.in_chans = rank, seed, in_chans
         self.positions, self.rotation = positions, rotation
         self.transform = TrainTransform(img_size, cfg.augment, cfg.mean, in_chans)
@@ -96,7 +99,7 @@ class _TrainShardStream(IterableDataset):
     def _draw_samples(self, url: str, worker: int, draw: int, offset: int) -> Iterator[tuple[int, dict]]:
         """(offset within the draw, raw sample) from `offset` on; whole windows before it are
         skipped as raw bytes, never decoded."""
-        samples = iter_raw_samples(url)
+        samples = iter_raw_samples(url, self.expected.get(url))
         first = offset // self.window
         for _ in islice(samples, first * self.window):
             pass
@@ -127,8 +130,9 @@ class TrainLoader:
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
                  img_size: int, in_chans: int) -> None:
-        if not cfg.train_shards:
-            raise ValueError("data.train_shards: no shards given (expected a brace pattern or a list of tar URLs)")
+        # Up front: missing files and shards that disagree with their manifest.json stop the run here
+        # (beyond data.max_bad_shards); the manifest's sample counts are checked as each shard is read.
+        self.shard_list = check_train_shards(cfg)
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"train loader: bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
         self.cfg, self.batch_size, self.rank, self.world_size, self.seed = cfg, batch_size, rank, world_size, seed
@@ -147,7 +151,7 @@ class TrainLoader:
         return _TrainShardStream(
             self.cfg.train_shards, self.cfg, batch_size=self.batch_size, rank=self.rank, seed=self.seed,
             img_size=self.img_size, in_chans=self.in_chans, positions=dict(self.positions),
-            rotation=self.next_worker)
+            rotation=self.next_worker, expected=self.shard_list.expected)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = self.worker_dataset()

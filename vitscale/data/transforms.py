@@ -65,6 +65,14 @@ def _crop_box_in(decoded: np.ndarray, full: tuple[int, int], box: tuple[int, int
     return t, l, max(1, min(round(h * sy), decoded.shape[0] - t)), max(1, min(round(w * sx), decoded.shape[1] - l))
 
 
+def _at_least_one_pixel(box: tuple[int, int, int, int], full: tuple[int, int]) -> tuple[int, int, int, int]:
+    """timm's sampler rounds small crops of tiny images (1x1, 3x1, ...) to 0 pixels: clamp the
+    (top, left, h, w) box to >= 1 pixel inside the image (a no-op for every other box)."""
+    top, left, h, w = box
+    h, w = max(1, min(h, full[1])), max(1, min(w, full[0]))
+    return min(top, full[1] - h), min(left, full[0] - w), h, w
+
+
 def _chw(array: np.ndarray) -> torch.Tensor:
     """(H, W, C) array -> (C, H, W) view without a copy (channels-last strides, which torch's
     antialiased uint8 resize kernel prefers when they are also contiguous)."""
@@ -96,8 +104,8 @@ class TrainTransform:
         # Without RandAugment only `random` is drawn from (timm's crop sampler, the flip).
         with seeded_rngs(seed, numpy=self.randaugment is not None, torch_rng=self.randaugment is not None):
             # timm's sampler (Python `random`, as timm trains): torchvision's costs ~10 tensor ops.
-            box = RandomResizedCropAndInterpolation.get_params(
-                torch.empty(1, 1, 1).expand(1, full[1], full[0]), self.aug.scale, self.aug.ratio)
+            box = _at_least_one_pixel(RandomResizedCropAndInterpolation.get_params(
+                torch.empty(1, 1, 1).expand(1, full[1], full[0]), self.aug.scale, self.aug.ratio), full)
             flip = self.aug.hflip > 0 and random.random() < self.aug.hflip
             min_size = None
             if self.dct_scaling:
