@@ -280,3 +280,14 @@ def test_disk_full_is_one_line_and_frees_its_temporaries(workers: str, foolbox_d
         assert len(list((disk / "out" / ".shard-state").glob("*.tar.json"))) == len(tars)
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_manifest_rows_that_are_not_files_are_rejected(photos: list[Path], tmp_path: Path) -> None:
+    """A FIFO listed in a manifest used to block the sharder forever on open()."""
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "list.csv").write_text(f"{photos[0].name},0\npipe.jpg,1\nfolder.jpg,1\nmissing.jpg,0\n")
+    assert run(tmp_path / "list.csv", tmp_path / "out") == 0
+    reasons = errors(tmp_path / "out")
+    assert reasons["pipe.jpg"] == "not a regular file" and reasons["folder.jpg"] == "not a regular file"
+    assert "No such file" in reasons["missing.jpg"] and len(samples(tmp_path / "out")) == 1
