@@ -118,12 +118,12 @@ def test_export_is_loadable_by_create_model(tmp_path: Path) -> None:
 
 def test_throughput_and_mfu_arithmetic() -> None:
     timer = StepTimer()
-    timer.add(data_s=0.5, compute_s=1.5, images=8)
-    out = timer.summary(world_size=2, tokens_per_image=17, flops_per_image=1e9, peak=12e9)
+    timer.add(data_s=0.5, images=8)
+    out = timer.summary(world_size=2, tokens_per_image=17, flops_per_image=1e9, peak=12e9, now=timer.start + 2.0)
     assert out["images_per_s"] == pytest.approx(8.0)  # 16 images over 2 s
     assert out["tokens_per_s"] == pytest.approx(8.0 * 17)
     assert out["mfu"] == pytest.approx(3 * 1e9 * 8 / 2.0 / 12e9)
-    assert out["data_wait_s"] == pytest.approx(0.5)
+    assert out["data_wait_s"] == pytest.approx(0.5) and out["compute_s"] == pytest.approx(1.5)
     assert matmul_probe_flops(n=256, repeats=2) > 1e8  # any CPU does > 0.1 GFLOP/s
 
 

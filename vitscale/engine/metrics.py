@@ -58,34 +58,42 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class StepTimer:
-    """Accumulates data-wait and compute seconds between two log lines."""
+    """Wall time, data wait and images between two log lines.
+
+    The window's wall time is measured between read-backs of the loop's device statistics, which
+    wait for the device on CUDA; so no per-step synchronisation is needed for exact throughput.
+    """
 
     def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        """Start a new window now (after an evaluation or a checkpoint, which are not training time)."""
+        self.start = time.perf_counter()
         self.data_s = 0.0
-        self.compute_s = 0.0
         self.images = 0
         self.steps = 0
 
-    def add(self, data_s: float, compute_s: float, images: int) -> None:
+    def add(self, data_s: float, images: int) -> None:
         self.data_s += data_s
-        self.compute_s += compute_s
         self.images += images
         self.steps += 1
 
     def summary(self, *, world_size: int, tokens_per_image: int, flops_per_image: float,
-                peak: float) -> dict[str, float]:
+                peak: float, now: float | None = None) -> dict[str, float]:
         """Global throughput (every rank processes ``images`` per step) and MFU for the window."""
-        wall = max(self.data_s + self.compute_s, 1e-9)
+        wall = max((time.perf_counter() if now is None else now) - self.start, 1e-9)
         images_per_s = self.images * world_size / wall
         achieved = 3.0 * flops_per_image * self.images / wall  # per device
+        steps = max(self.steps, 1)
         out = {
             "images_per_s": images_per_s,
             "tokens_per_s": images_per_s * tokens_per_image,
-            "data_wait_s": self.data_s / max(self.steps, 1),
-            "compute_s": self.compute_s / max(self.steps, 1),
+            "data_wait_s": self.data_s / steps,
+            "compute_s": max(wall - self.data_s, 0.0) / steps,
             "mfu": achieved / peak if peak > 0 else 0.0,
         }
-        self.__init__()
+        self.restart()
         return out
 
 

@@ -22,18 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitscale.engine import checkpoint as ckpt
 from vitscale.engine.activation import apply_policy
+from vitscale.engine.compile import apply_compile, check_compile
 from vitscale.engine.build import build_loss, load_model
 from vitscale.engine.deepspeed_config import build as build_ds_config
 from vitscale.engine.deepspeed_config import loop_clips_gradients, offloads_optimizer, resolve_precision
 from vitscale.engine.distributed import DistInfo, init_distributed, teardown
+from vitscale.engine.loop import TrainingDiverged, run_loop
 from vitscale.engine.metrics import MetricsWriter, StepTimer, peak_flops, peak_memory_bytes
 from vitscale.engine.optim import build_optimizer
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    """``trainer.nan_patience`` non-finite steps in a row; a checkpoint was saved before raising."""
 
 
 def seed_everything(seed: int) -> None:
@@ -108,14 +106,17 @@ class Trainer:
         self.loop_clips = loop_clips_gradients(self.zero_stage, self.precision)
         self.grad_clip = float(cfg.optim.grad_clip or 0.0)
         ac = tc.activation_checkpointing
+        compile_mode, backend = str(tc.get("compile") or "none"), str(tc.get("compile_backend") or "inductor")
+        check_compile(compile_mode, backend)
         apply_policy(model, str(ac.policy), int(ac.every), self.ds_config)
+        apply_compile(model, compile_mode, backend)
         from vitscale.models import flops_per_image
 
         self.flops_per_image = 2.0 * flops_per_image(model)  # MACs -> FLOPs
         self.tokens_per_image = int(math.prod(model.grid_size)) + int(model.num_prefix_tokens)
         model.to(info.device)  # before the optimizer: fused CUDA AdamW checks its parameters' device
-        optimizer = build_optimizer(model, cfg.optim, device=info.device, offload=offloads_optimizer(cfg))
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
+        self.optimizer = build_optimizer(model, cfg.optim, device=info.device, offload=offloads_optimizer(cfg))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config,
                                                     dist_init_required=False)
         self.loss_fn = build_loss(str(tc.loss))
         self.peak = float(tc.peak_flops) if tc.get("peak_flops") else peak_flops(info.device, self.precision)
@@ -175,8 +176,6 @@ class Trainer:
         self.sample_images = first["image"][:16].detach().cpu()  # for the attention-distance figure
         if rng is not None:
             ckpt.set_rng_state(rng)
-        from vitscale.engine.loop import run_loop
-
         return run_loop(self, itertools.chain([first], batches))
 
     def save_checkpoint(self, metrics: dict[str, Any] | None = None) -> ckpt.CheckpointRef:
@@ -266,6 +265,7 @@ class Trainer:
         return peak_memory_bytes(self.dist.device)
 
     def throughput(self, timer: StepTimer) -> dict[str, float]:
+        """The window's images/s, tokens/s, MFU and time split (read at a log step only)."""
         assert self.dist is not None
         return timer.summary(world_size=self.dist.world_size, tokens_per_image=self.tokens_per_image,
                              flops_per_image=self.flops_per_image, peak=self.peak)
