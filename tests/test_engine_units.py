@@ -142,3 +142,30 @@ def test_split_cpu_threads_shares_cores_between_local_ranks(monkeypatch: pytest.
         assert split_cpu_threads(2) is None and torch.get_num_threads() == before  # the user's choice wins
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("mode", ["timm", "jax"])
+def test_finetune_posemb_resize_is_the_configured_one(tmp_path: Path, mode: str) -> None:
+    """finetune.posemb_resize reaches the model's load-time resample; the source's numerics travel."""
+    from vitscale.engine.build import load_model
+    from vitscale.models.posembed import resample_pos_embed
+
+    source = create_model("vit_ti16", img_size=16, patch_size=4, in_chans=1, num_classes=3, embed_dim=32,
+                          depth=1, num_heads=2, mlp_act="gelu_tanh")
+    torch.nn.init.normal_(source.pos_embed)
+    ckpt.export(source.state_dict(), tmp_path / "src", model_config=dict(source.config))
+    cfg = OmegaConf.create({
+        "model": {**{k: v for k, v in source.config.items() if k not in ("mlp_act", "num_classes")},
+                  "img_size": 24},
+        "data": {"num_classes": 5},
+        "finetune": {"source": str(tmp_path / "src"), "num_classes": 5, "head_zero_init": True,
+                     "posemb_resize": mode},
+        "tracking": {"uri": None},
+    })
+    model, _ = load_model(cfg)
+    assert model.config["posemb_resize"] == mode and model.config["mlp_act"] == "gelu_tanh"
+    expected = resample_pos_embed(source.pos_embed.detach(), (6, 6), num_prefix_tokens=1, mode=mode)
+    torch.testing.assert_close(model.pos_embed.detach(), expected)
+    other = resample_pos_embed(source.pos_embed.detach(), (6, 6), num_prefix_tokens=1,
+                               mode="jax" if mode == "timm" else "timm")
+    assert not torch.allclose(model.pos_embed.detach(), other, atol=1e-4)

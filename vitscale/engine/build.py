@@ -60,6 +60,10 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, str]]:
     num_classes = kwargs["num_classes"]
     kwargs.update(num_classes=source_config["num_classes"],
                   representation_size=source_config.get("representation_size"))
+    # The source's numerics (an official JAX checkpoint computes tanh-GELU, the JAX stem norm) travel
+    # with its weights; the position-embedding resize to the new grid is the fine-tune's choice.
+    kwargs.update({k: source_config[k] for k in ("mlp_act", "stem_norm") if k in source_config})
+    kwargs["posemb_resize"] = str(cfg.finetune.get("posemb_resize") or "timm")
     model = create_model(**kwargs)
     model.load_state_dict(state_dict)
     model.reset_head(num_classes)
