@@ -241,8 +241,9 @@ def test_auto_resume_continues_the_run_recorded_in_output_dir(tmp_path, store):
     first.start(cfg)
     first.end("KILLED")
     assert make_tracker(cfg, 0).settings.run_id is None  # no checkpoint yet: a fresh run
-    (tmp_path / "out" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "out" / "checkpoints" / "latest").write_text("global_step10")
+    # A checkpoint with a manifest but no `latest` (lost): resume=auto resumes from it, so the run continues too.
+    (tmp_path / "out" / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoints" / "step_00000010" / "manifest.json").write_text("{}")
     second = make_tracker(cfg, 0)
     second.start(cfg)
     second.end()
