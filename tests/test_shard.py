@@ -227,6 +227,7 @@ def test_kill9_then_rerun_equals_uninterrupted(foolbox_data: Path, tmp_path: Pat
     shard(src, tmp_path / "clean", *args)
     assert tar_bytes(tmp_path / "killed") == tar_bytes(tmp_path / "clean")
     assert not list((tmp_path / "killed").glob("*.tmp-*"))
+    assert not list((tmp_path / "killed" / ".shard-state" / "tmp").iterdir())  # the killed run's temporaries
     assert (tmp_path / "killed" / "manifest.json").read_text() == (tmp_path / "clean" / "manifest.json").read_text()
 
 
