@@ -1,12 +1,13 @@
-"""Training-step throughput: vitscale's Trainer step under DeepSpeed (one rank) vs. timm in plain torch.
+"""Training-step throughput: vitscale's Trainer step under DeepSpeed (one rank) vs. timm in plain torch,
+and with ``--compile`` vitscale compiled (trainer.compile) beside both.
 
 Both sides train the same architecture (vitscale's ViT and timm's VisionTransformer with the same
 width, depth, heads, patch and image size) with the same batch, AdamW, clipping at norm 1 and the same
 torch thread count, on in-memory batches so the input pipeline is out of the picture. The two are
 timed in alternating rounds within one run (the machine may be shared) and their fastest single step (the least-disturbed sample of each; medians are printed
-too). Goal: ratio >= 0.95.
+too). Goals: eager vitscale / eager timm >= 0.95; compiled vitscale / eager timm >= 1.2.
 
-    python benchmarks/bench_train_step.py [--batch 32] [--rounds 5] [--steps 5] [--zero 0]
+    python benchmarks/bench_train_step.py [--batch 32] [--rounds 5] [--steps 5] [--zero 0] [--compile blocks]
 """
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ import torch.nn.functional as F  # noqa: E402
 ARCH = dict(img_size=64, patch_size=8, in_chans=3, embed_dim=192, depth=6, num_heads=3, num_classes=100)
 
 
-def vitscale_step(batch: int, zero: int) -> Callable[[], None]:
+def vitscale_step(batch: int, zero: int, compile_mode: str = "none") -> Callable[[], None]:
     """One Trainer step (vitscale.engine.loop.train_step) on a DeepSpeed engine of one rank."""
     from hydra import compose, initialize_config_dir
 
     from vitscale.engine.distributed import init_distributed
-    from vitscale.engine.loop import train_step
+    from vitscale.engine.loop import WindowStats, train_step
     from vitscale.engine.metrics import StepTimer
     from vitscale.engine.trainer import Trainer
 
@@ -42,7 +43,7 @@ def vitscale_step(batch: int, zero: int) -> Callable[[], None]:
         "model=vit_ti16", f"data.num_classes={ARCH['num_classes']}", f"deepspeed=zero{zero}",
         f"trainer.global_batch_size={batch}", f"trainer.micro_batch_size={batch}", "trainer.precision=fp32",
         "optim=adam_pretrain", "optim.lr=1e-4", "optim.schedule.name=constant", "tracking.enabled=false",
-        "trainer.peak_flops=1", "output_dir=/tmp/vitscale-bench",
+        "trainer.peak_flops=1", "output_dir=/tmp/vitscale-bench", f"trainer.compile={compile_mode}",
     ]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -56,9 +57,9 @@ def vitscale_step(batch: int, zero: int) -> Callable[[], None]:
         while True:
             yield {"image": images, "label": labels}
 
-    stream, timer = batches(), StepTimer()
+    stream, timer, stats = batches(), StepTimer(), WindowStats(trainer.dist.device)
     trainer.engine.train()
-    return lambda: train_step(trainer, stream, timer) and None
+    return lambda: train_step(trainer, stream, timer, stats)
 
 
 def timm_step(batch: int) -> Callable[[], None]:
@@ -77,7 +78,6 @@ def timm_step(batch: int) -> Callable[[], None]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        float(loss.detach())  # the same host sync the trainer does for its loss log
 
     return step
 
@@ -98,25 +98,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
     parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--compile", default=None, choices=("blocks", "model"),
+                        help="also time vitscale with trainer.compile=MODE (inductor)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    ours, theirs = vitscale_step(args.batch, args.zero), timm_step(args.batch)
-    for step in (ours, theirs):  # warm-up: allocator, thread pool, DeepSpeed's first-step set-up
+    steps = {"vitscale": vitscale_step(args.batch, args.zero), "timm": timm_step(args.batch)}
+    if args.compile:
+        steps["compiled"] = vitscale_step(args.batch, args.zero, args.compile)
+    for step in steps.values():  # warm-up: allocator, thread pool, DeepSpeed's first step, compilation
         for _ in range(3):
             step()
-    times: dict[str, list[float]] = {"vitscale": [], "timm": []}
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
-        times["vitscale"] += step_times(ours, args.steps)
-        times["timm"] += step_times(theirs, args.steps)
+        for name, step in steps.items():
+            times[name] += step_times(step, args.steps)
     print(f"model: ViT {ARCH} | batch {args.batch} | threads {args.threads} | ZeRO-{args.zero} | fp32 CPU")
     best = {}
-    for name, label in (("vitscale", "vitscale (Trainer step, DeepSpeed, 1 rank)"),
-                        ("timm", "timm VisionTransformer, plain torch loop  ")):
+    labels = {"vitscale": "vitscale eager (Trainer step, DeepSpeed, 1 rank)",
+              "timm": "timm VisionTransformer eager, plain torch loop  ",
+              "compiled": f"vitscale trainer.compile={args.compile} (inductor)      "}
+    for name in steps:
         best[name] = args.batch / min(times[name])
         median = args.batch / statistics.median(times[name])
-        print(f"{label}: {best[name]:7.1f} images/s best step, {median:7.1f} median of {len(times[name])}")
-    print(f"ratio vitscale / timm (best steps): {best['vitscale'] / best['timm']:.3f} (goal >= 0.95)")
+        print(f"{labels[name]}: {best[name]:7.1f} images/s best step, {median:7.1f} median of {len(times[name])}")
+    print(f"ratio vitscale eager / timm eager (best steps): {best['vitscale'] / best['timm']:.3f} (goal >= 0.95)")
+    if args.compile:
+        print(f"ratio vitscale compiled / timm eager (best steps): {best['compiled'] / best['timm']:.3f} "
+              f"(goal >= 1.2)")
     torch.distributed.destroy_process_group()
 
 

@@ -169,3 +169,19 @@ def test_finetune_posemb_resize_is_the_configured_one(tmp_path: Path, mode: str)
     other = resample_pos_embed(source.pos_embed.detach(), (6, 6), num_prefix_tokens=1,
                                mode="jax" if mode == "timm" else "timm")
     assert not torch.allclose(model.pos_embed.detach(), other, atol=1e-4)
+
+
+def test_mfu_peak_comes_from_the_hardware_table_and_unknown_gpus_warn(monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from vitscale.engine.metrics import peak_flops
+    from vitscale.hardware import get_gpu
+
+    cuda = torch.device("cuda", 0)  # only its type is read; the name comes from the patched query
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert peak_flops(cuda, "bf16") == get_gpu("h100-pcie").bf16 < get_gpu("h100-80gb").bf16
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert peak_flops(cuda, "bf16") == pytest.approx(989e12, rel=0.01)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Imaginary GPU 9000")
+    with caplog.at_level("WARNING"):
+        assert peak_flops(cuda, "bf16") == 0.0
+    assert "trainer.peak_flops" in caplog.text and "Imaginary GPU 9000" in caplog.text

@@ -7,6 +7,7 @@ launcher appends ``--local_rank=N``, which Hydra would reject, so it is removed 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,10 +28,24 @@ def main(cfg: DictConfig) -> None:
     from vitscale.engine import Trainer, TrainingDiverged
 
     try:
-        Trainer(cfg).fit()
+        Trainer(cfg, run_params=predicted_plan(cfg)).fit()
     except TrainingDiverged as err:
         log.error("%s", err)
         sys.exit(2)
+
+
+def predicted_plan(cfg: DictConfig) -> dict[str, object]:
+    """vitscale.plan's memory/time prediction for this run, logged as MLflow params (rank 0 only; a
+    failure to plan costs a warning, never the run)."""
+    if int(os.environ.get("RANK", "0")) != 0 or not cfg.tracking.enabled:
+        return {}
+    try:
+        from vitscale.plan import plan_summary
+
+        return plan_summary(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("plan not logged (%s: %s)", type(exc).__name__, exc)
+        return {}
 
 
 def cli() -> None:

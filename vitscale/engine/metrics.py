@@ -8,6 +8,7 @@ number is meaningful on every machine the tests run on.
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import time
 from pathlib import Path
@@ -15,16 +16,7 @@ from typing import Any
 
 import torch
 
-# Dense (no sparsity) peak FLOP/s per device by precision, from the vendors' data sheets.
-GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},  # SXM; PCIe is lower, override if needed
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
-    "A10G": {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12},
-    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12},
-    "V100": {"bf16": 0.0, "fp16": 125e12, "fp32": 15.7e12},
-}
-
+log = logging.getLogger(__name__)
 
 def matmul_probe_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
     """Measured FLOP/s of a square matmul on the current CPU threads (best of ``repeats``)."""
@@ -40,13 +32,20 @@ def matmul_probe_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeat
 
 
 def peak_flops(device: torch.device, precision: str) -> float:
-    """Per-device peak for MFU: the GPU table, or a CPU matmul probe (0.0 when unknown)."""
+    """Per-device peak for MFU: vitscale.hardware's GPU table, or a CPU matmul probe.
+
+    An unknown GPU gets 0.0 (MFU is then logged as 0) and one warning naming ``trainer.peak_flops``.
+    """
     if device.type == "cuda":
+        from vitscale.hardware import match_device_name
+
         name = torch.cuda.get_device_name(device)
-        for key, peaks in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return peaks.get(precision, 0.0)
-        return 0.0
+        gpu = match_device_name(name)
+        if gpu is None or not gpu.peak(precision):
+            log.warning("MFU: %r is not in vitscale.hardware's table (%s peak unknown); MFU is logged as 0 "
+                        "until you set trainer.peak_flops=<dense FLOP/s per device>", name, precision)
+            return 0.0
+        return gpu.peak(precision)
     return matmul_probe_flops(torch.bfloat16 if precision == "bf16" else torch.float32)
 
 

@@ -13,7 +13,7 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -62,9 +62,13 @@ def check_registry_config(cfg: DictConfig) -> None:
 class Trainer:
     """``Trainer(cfg, callbacks=[...]).fit() -> dict`` of final metrics."""
 
-    def __init__(self, cfg: DictConfig, callbacks: Iterable[Any] = ()) -> None:
+    def __init__(self, cfg: DictConfig, callbacks: Iterable[Any] = (),
+                 run_params: Mapping[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.callbacks = list(callbacks)
+        # Logged as run params beside the config (the entry point passes vitscale.plan's prediction,
+        # so every run's measured peak memory and MFU can be checked against it).
+        self.run_params = dict(run_params or {})
         self.output_dir = Path(cfg.output_dir)
         self.dist: DistInfo | None = None
         self.tracker: Any = None
@@ -137,6 +141,8 @@ class Trainer:
         assert isinstance(container, dict)
         tracker = make_tracker(container, self.dist.rank)
         tracker.start(container, self.ds_config, tags={"launcher": self.dist.launcher, **self.source_lineage})
+        if self.run_params:
+            tracker.log_params(self.run_params)
         return tracker
 
     def _build_loader(self, data_state: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
@@ -166,6 +172,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _fit(self) -> dict[str, Any]:
+        if self.cfg.get("eval") is not None and self.cfg.data.get("val_shards"):
+            # A validation list the final evaluation cannot use fails now, not after the last step.
+            from vitscale.data import check_val_shards
+
+            check_val_shards(self.cfg.data, world_size=self.dist.world_size,
+                             num_workers=int(self.cfg.data.num_workers))
         self.setup()
         data_state, rng = self._resume()
         batches = self._build_loader(data_state)
@@ -176,7 +188,11 @@ class Trainer:
         self.sample_images = first["image"][:16].detach().cpu()  # for the attention-distance figure
         if rng is not None:
             ckpt.set_rng_state(rng)
-        return run_loop(self, itertools.chain([first], batches))
+        result = run_loop(self, itertools.chain([first], batches))
+        if self.dist.is_main:  # measured, beside the plan's plan/peak_gb and plan/mfu_assumed
+            self.tracker.log_metrics({"measured/peak_mem_gb": self.memory_bytes() / 2**30,
+                                      "measured/mfu": float(result.get("mfu", 0.0))}, self.step)
+        return result
 
     def save_checkpoint(self, metrics: dict[str, Any] | None = None) -> ckpt.CheckpointRef:
         assert self.dist is not None
