@@ -11,6 +11,8 @@ from typing import Any
 
 from webdataset.shardlists import expand_urls
 
+from vitscale.data.samples import DEFAULT_IMAGE_KEY, DEFAULT_LABEL_KEY, parse_image_key, parse_label_key
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -35,6 +37,8 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     max_bad_shards: int = 0
     eval_crop_pct: float = 0.875  # eval: resize short side to img_size / crop_pct, center crop
+    image_key: str = DEFAULT_IMAGE_KEY  # "auto" (first of jpg/jpeg/png/webp) or member name(s), "jpg;png"
+    label_key: str = DEFAULT_LABEL_KEY  # member holding the class index ("cls", "txt") or "json:label"
 
     @property
     def soft_labels(self) -> bool:
@@ -94,6 +98,10 @@ def parse_data_config(cfg: Any) -> DataConfig:
     num_workers, buffer = int(d.get("num_workers", 4)), int(d.get("shuffle_buffer", 1000))
     if num_workers < 0 or buffer < 0:
         raise ValueError(f"data.num_workers / data.shuffle_buffer must be >= 0, got {num_workers} / {buffer}")
+    image_key, label_key = d.get("image_key"), d.get("label_key")
+    image_key = DEFAULT_IMAGE_KEY if image_key is None else str(image_key).strip()
+    label_key = DEFAULT_LABEL_KEY if label_key is None else str(label_key).strip()
+    parse_image_key(image_key), parse_label_key(label_key)  # ValueError naming the key, before any worker
     return DataConfig(
         train_shards=expand_shards(d.get("train_shards"), "train_shards"),
         val_shards=expand_shards(d.get("val_shards"), "val_shards"),
@@ -105,4 +113,6 @@ def parse_data_config(cfg: Any) -> DataConfig:
         augment=augment,
         max_bad_shards=int(d.get("max_bad_shards", 0)),
         eval_crop_pct=float(d.get("eval_crop_pct", 0.875)),
+        image_key=image_key,
+        label_key=label_key,
     )

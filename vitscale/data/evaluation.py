@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitscale.data.checks import ShardList, check_val_shards
 from vitscale.data.config import parse_data_config
-from vitscale.data.decode import find_image
+from vitscale.data.samples import DEFAULT_IMAGE_KEY, DEFAULT_LABEL_KEY, SampleFields
 from vitscale.data.shards import ShardReadError, iter_raw_samples
 from vitscale.data.stream import BadShardsError
 from vitscale.data.transforms import EvalTransform, Normalizer, stack_batch
@@ -31,9 +31,11 @@ def reader_shards(urls: list[str], reader: int, readers: int) -> list[str]:
 
 class _EvalShardReader(IterableDataset):
     def __init__(self, urls: list[str], *, batch_size: int, rank: int, world_size: int,
-                 img_size: int, in_chans: int, crop_pct: float, expected: dict[str, int] | None = None) -> None:
+                 img_size: int, in_chans: int, crop_pct: float, expected: dict[str, int] | None = None,
+                 fields: SampleFields | None = None) -> None:
         self.urls, self.batch_size, self.rank, self.world_size = urls, batch_size, rank, world_size
         self.in_chans, self.expected = in_chans, expected or {}
+        self.fields = fields or SampleFields()
         self.transform = EvalTransform(img_size, crop_pct, in_chans)
 
     def __iter__(self) -> Iterator[dict]:
@@ -46,15 +48,16 @@ class _EvalShardReader(IterableDataset):
         for url in reader_shards(self.urls, reader, readers):
             try:
                 for sample in iter_raw_samples(url, self.expected.get(url)):
+                    label = self.fields.label(sample)  # SampleError: a bad shard, as in training
+                    ext, data = self.fields.image(sample)
                     try:
-                        ext, data = find_image(sample)
                         image = self.transform(data, ext)
                     except Exception as e:
                         log.warning("eval: skipping sample %s in %s: %s", sample.get("__key__"), url, e)
                         yield {"_skipped": sample.get("__key__"), "_error": f"{url}: {e}"}
                         continue
                     images.append(image)
-                    labels.append(int(sample["cls"]))
+                    labels.append(label)
                     keys.append(sample["__key__"])
                     if len(images) == self.batch_size:
                         yield self._batch(images, labels, keys)
@@ -105,7 +108,8 @@ class EvalLoader:
                 self.bad_shards.append(item["_bad_shard"])
                 log.error("eval: bad shard %d/%d allowed: %s", len(self.bad_shards), self.max_bad_shards, item["_error"])
                 if len(self.bad_shards) > self.max_bad_shards:
-                    raise BadShardsError(f"{len(self.bad_shards)} eval shards failed to read, more than "
+                    raise BadShardsError(f"{len(self.bad_shards)} eval shards failed to read (or held samples not "
+                                         "matching data.image_key / data.label_key), more than "
                                          f"max_bad_shards={self.max_bad_shards}; last: {item['_error']}")
                 continue
             self.count += len(item["key"])
@@ -119,9 +123,11 @@ class EvalLoader:
 def build_eval_loader(urls: Any, *, batch_size: int, rank: int, world_size: int, img_size: int, in_chans: int,
                       num_workers: int, cfg_data: Mapping | Any | None = None,
                       mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-                      crop_pct: float | None = None, max_bad_shards: int | None = None) -> EvalLoader:
-    """`urls`: brace pattern or list. mean / std / crop_pct / max_bad_shards come from the
-    explicit arguments, else from `cfg_data` (the `data` config group), else (0.5, 0.875, 0)."""
+                      crop_pct: float | None = None, max_bad_shards: int | None = None,
+                      image_key: str | None = None, label_key: str | None = None) -> EvalLoader:
+    """`urls`: brace pattern or list. mean / std / crop_pct / max_bad_shards / image_key / label_key
+    come from the explicit arguments, else from `cfg_data` (the `data` config group), else
+    (0.5, 0.875, 0, "auto", "cls"). Labels are checked against `cfg_data.num_classes` when given."""
     cfg = parse_data_config(cfg_data) if cfg_data is not None else None
     max_bad = max_bad_shards if max_bad_shards is not None else (cfg.max_bad_shards if cfg else 0)
     shard_list = check_val_shards(cfg, world_size=world_size, num_workers=num_workers, urls=urls,
@@ -130,6 +136,10 @@ def build_eval_loader(urls: Any, *, batch_size: int, rank: int, world_size: int,
     mean = mean or (cfg.mean if cfg else (0.5,) * in_chans)
     std = std or (cfg.std if cfg else (0.5,) * in_chans)
     crop_pct = crop_pct if crop_pct is not None else (cfg.eval_crop_pct if cfg else 0.875)
+    fields = SampleFields(image_key or (cfg.image_key if cfg else DEFAULT_IMAGE_KEY),
+                          label_key or (cfg.label_key if cfg else DEFAULT_LABEL_KEY),
+                          cfg.num_classes if cfg else None)  # ValueError on a malformed key, before any worker
     reader = _EvalShardReader(shards, batch_size=batch_size, rank=rank, world_size=world_size,
-                              img_size=img_size, in_chans=in_chans, crop_pct=crop_pct, expected=shard_list.expected)
+                              img_size=img_size, in_chans=in_chans, crop_pct=crop_pct, expected=shard_list.expected,
+                              fields=fields)
     return EvalLoader(reader, Normalizer(tuple(mean), tuple(std), in_chans), num_workers, max_bad, shard_list)

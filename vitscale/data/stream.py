@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitscale.data.checks import check_train_shards
 from vitscale.data.config import DataConfig, parse_data_config
-from vitscale.data.decode import find_image
+from vitscale.data.samples import SampleFields
 from vitscale.data.shards import ShardReadError, iter_raw_samples
 from vitscale.data.transforms import BatchMixer, Normalizer, TrainTransform, derive_seed, stack_batch
 
@@ -54,6 +54,7 @@ class _TrainShardStream(IterableDataset):
         self.rank, self.seed, self.in_chans = rank, seed, in_chans
         self.positions, self.rotation = positions, rotation
         self.transform = TrainTransform(img_size, cfg.augment, cfg.mean, in_chans)
+        self.fields = SampleFields(cfg.image_key, cfg.label_key, cfg.num_classes)
         self.window = max(1, cfg.shuffle_buffer)
 
     def __iter__(self) -> Iterator[dict]:
@@ -73,12 +74,15 @@ class _TrainShardStream(IterableDataset):
             url = self.urls[self.shard_index(worker, draw)]
             try:
                 for pos, sample in self._draw_samples(url, worker, draw, offset):
-                    image = self._decode(sample, worker, draw, pos)
+                    # A sample without the configured members, or with a label that is no class index,
+                    # raises SampleError (a ShardReadError): the shard is bad, like an unreadable one.
+                    label = self.fields.label(sample)
+                    image = self._decode(*self.fields.image(sample), sample, worker, draw, pos)
                     if image is None:
                         continue
                     barren = 0
                     images.append(image)
-                    labels.append(int(sample["cls"]))
+                    labels.append(label)
                     keys.append(sample["__key__"])
                     if len(images) == self.batch_size:
                         yield {"image": stack_batch(images), "label": torch.tensor(labels, dtype=torch.long),
@@ -113,9 +117,8 @@ class _TrainShardStream(IterableDataset):
                 yield base + t, window[order[t]]
             k += 1
 
-    def _decode(self, sample: dict, worker: int, draw: int, pos: int) -> torch.Tensor | None:
+    def _decode(self, ext: str, data: bytes, sample: dict, worker: int, draw: int, pos: int) -> torch.Tensor | None:
         try:
-            ext, data = find_image(sample)
             return self.transform(data, ext, derive_seed(self.seed, self.rank, worker, draw, pos, _AUGMENT))
         except Exception as e:  # deterministic, so skipping keeps resume exact; never silent
             log.warning("skipping sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), e)
@@ -178,7 +181,8 @@ class TrainLoader:
         log.error("rank %d: bad shard %d/%d allowed: %s (%d pending samples dropped)", self.rank,
                   self.bad_shards, self.cfg.max_bad_shards, event["_error"], event["_dropped"])
         if self.bad_shards > self.cfg.max_bad_shards:
-            raise BadShardsError(f"{self.bad_shards} training shards failed to read, more than "
+            raise BadShardsError(f"{self.bad_shards} training shards failed to read (or held samples not matching "
+                                 f"data.image_key / data.label_key), more than "
                                  f"data.max_bad_shards={self.cfg.max_bad_shards}; last: {event['_error']}")
 
     # ---- checkpointing -------------------------------------------------------------------------
