@@ -227,10 +227,13 @@ class EvalPreprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_pct: float = 0.875
+    image_key: str = "auto"  # which sample members hold the image and the label (data.image_key / label_key)
+    label_key: str = "cls"
 
 
 def training_preprocessing(export_dir: Path, in_chans: int) -> EvalPreprocessing:
-    """train_config.yaml's data.mean / std / eval_crop_pct, else 0.5 / 0.5 / 0.875."""
+    """train_config.yaml's data.mean / std / eval_crop_pct / image_key / label_key, else
+    0.5 / 0.5 / 0.875 / auto / cls."""
     default = (0.5,) * in_chans
     path = export_dir / "train_config.yaml"
     if not path.is_file():
@@ -239,7 +242,8 @@ def training_preprocessing(export_dir: Path, in_chans: int) -> EvalPreprocessing
 
     data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
     return EvalPreprocessing(tuple(data.get("mean") or default), tuple(data.get("std") or default),
-                             float(data.get("eval_crop_pct") or 0.875))
+                             float(data.get("eval_crop_pct") or 0.875), str(data.get("image_key") or "auto"),
+                             str(data.get("label_key") or "cls"))
 
 
 def _manifest_num_classes(shards: str) -> int | None:
@@ -264,6 +268,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="few-shot pool per class (default 5 x max shots)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classes of the few-shot dataset (default: manifest.json beside the train shards)")
+    p.add_argument("--image-key", default=None,
+                   help="sample member(s) holding the image: auto (jpg/jpeg/png/webp), jpg, 'jpg;png' "
+                        "(default: the training config's data.image_key, else auto)")
+    p.add_argument("--label-key", default=None,
+                   help="member holding the class index (cls, txt) or a json field (json:label) "
+                        "(default: the training config's data.label_key, else cls)")
     p.add_argument("--topk", action="store_true", help="also top-1/top-5 of the model's own head")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
@@ -290,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     def loader(urls: str):
         return build_eval_loader(urls, batch_size=args.batch_size, rank=0, world_size=1, img_size=img_size,
                                  in_chans=in_chans, num_workers=args.num_workers, mean=prep.mean, std=prep.std,
-                                 crop_pct=prep.crop_pct)
+                                 crop_pct=prep.crop_pct, image_key=args.image_key or prep.image_key,
+                                 label_key=args.label_key or prep.label_key)
 
     results: dict[str, float] = {}
     if args.topk:
