@@ -185,3 +185,13 @@ def test_mfu_peak_comes_from_the_hardware_table_and_unknown_gpus_warn(monkeypatc
     with caplog.at_level("WARNING"):
         assert peak_flops(cuda, "bf16") == 0.0
     assert "trainer.peak_flops" in caplog.text and "Imaginary GPU 9000" in caplog.text
+
+
+def test_progress_line_has_what_a_console_reader_needs() -> None:
+    from vitscale.engine.metrics import progress_line
+
+    record = {"step": 100, "loss": 1.23456, "lr": 1e-3, "images_per_s": 2345.6, "mfu": 0.123,
+              "data_wait_s": 0.01, "compute_s": 0.09, "peak_mem": 3 * 2**30}
+    line = progress_line(record, max_steps=36100)
+    assert line == ("step 100/36100 | loss 1.2346 | lr 1.00e-03 | 2,346 img/s | MFU 12.3% | data wait 10% | "
+                    "mem 3.00 GiB | ETA 1:00:00")

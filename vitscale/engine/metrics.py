@@ -110,3 +110,16 @@ class MetricsWriter:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
+
+
+def progress_line(record: dict[str, Any], max_steps: int) -> str:
+    """One console line per log step, what timm and torchtitan users expect to see scroll by."""
+    step_s = record.get("data_wait_s", 0.0) + record.get("compute_s", 0.0)
+    eta_s = max(max_steps - int(record["step"]), 0) * step_s
+    hours, rest = divmod(int(round(eta_s)), 3600)
+    data_share = record.get("data_wait_s", 0.0) / step_s if step_s > 0 else 0.0
+    return (f"step {record['step']}/{max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            f"{record.get('images_per_s', 0.0):,.0f} img/s | MFU {100 * record.get('mfu', 0.0):.1f}% | "
+            f"data wait {100 * data_share:.0f}% | mem {record.get('peak_mem', 0) / 2**30:.2f} GiB | "
+            f"ETA {hours}:{rest // 60:02d}:{rest % 60:02d}")
+

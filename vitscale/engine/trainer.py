@@ -28,7 +28,7 @@ from vitscale.engine.deepspeed_config import build as build_ds_config
 from vitscale.engine.deepspeed_config import loop_clips_gradients, offloads_optimizer, resolve_precision
 from vitscale.engine.distributed import DistInfo, init_distributed, teardown
 from vitscale.engine.loop import TrainingDiverged, run_loop
-from vitscale.engine.metrics import MetricsWriter, StepTimer, peak_flops, peak_memory_bytes
+from vitscale.engine.metrics import MetricsWriter, StepTimer, peak_flops, peak_memory_bytes, progress_line
 from vitscale.engine.optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ class Trainer:
         check_data_config(self.cfg)
         check_registry_config(self.cfg)
         self.dist = init_distributed(timeout_s=float(self.cfg.trainer.get("dist_timeout_s", 1800)))
+        if not self.dist.is_main:  # one console: other ranks speak only for warnings and errors
+            logging.getLogger("vitscale").setLevel(logging.WARNING)
         clean = False
         try:
             result = self._fit()
@@ -272,6 +274,8 @@ class Trainer:
         """One logged step: metrics.jsonl, the tracker (rank 0) and the callbacks (every rank)."""
         assert self.dist is not None
         if self.dist.is_main:
+            if "loss" in record:
+                log.info("%s", progress_line(record, int(self.cfg.trainer.max_steps)))
             self.metrics_file.write(record)
             self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, record["step"])
         self.emit("on_log", record, record["step"])
