@@ -2,16 +2,17 @@
 from vitscale.tracking.base import NullTracker, Tracker
 from vitscale.tracking.mlflow_tracker import MlflowTracker, make_tracker
 from vitscale.tracking.registry import (
-    RegisteredVersion, ResolvedCheckpoint, ResolvedWeights, register_export, resolve_resume, resolve_weights,
+    RegisteredVersion, ResolvedCheckpoint, ResolvedWeights, register_export, resolve_weights,
 )
-from vitscale.tracking.reach import TrackingUnreachable
+from vitscale.tracking.reach import TrackingAuthError, TrackingUnreachable
 from vitscale.tracking.replay import replay
 from vitscale.tracking.resilience import TrackingError
+from vitscale.tracking.resume import resolve_resume
 from vitscale.tracking.settings import TrackingSettings
 from vitscale.tracking.uris import parse_uri, resolve_tracking_uri
 
 __all__ = [
     "MlflowTracker", "NullTracker", "RegisteredVersion", "ResolvedCheckpoint", "ResolvedWeights", "Tracker",
-    "TrackingError", "TrackingSettings", "TrackingUnreachable", "make_tracker", "parse_uri", "register_export",
-    "replay", "resolve_resume", "resolve_tracking_uri", "resolve_weights",
+    "TrackingAuthError", "TrackingError", "TrackingSettings", "TrackingUnreachable", "make_tracker", "parse_uri",
+    "register_export", "replay", "resolve_resume", "resolve_tracking_uri", "resolve_weights",
 ]

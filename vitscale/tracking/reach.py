@@ -33,6 +33,10 @@ class TrackingUnreachable(ConnectionError):
     """The MLflow server (tracking or registry) did not answer; ``str()`` is one line naming it."""
 
 
+class TrackingAuthError(PermissionError):
+    """The MLflow server answered 401/403 (basic-auth app or proxy): one line naming it and the fix."""
+
+
 @contextlib.contextmanager
 def fast_fail_http(timeout_s: int = DEFAULT_TIMEOUT_S) -> Iterator[None]:
     """No MLflow-level HTTP retries and ``timeout_s`` per request inside the block (variables the user
@@ -61,6 +65,19 @@ def unreachable_reason(exc: BaseException) -> str | None:
         if pattern.search(text):
             return reason
     return "no answer"
+
+
+def auth_error(exc: BaseException, server: str, what: str) -> TrackingAuthError | None:
+    """A one-line TrackingAuthError when ``exc`` is the server refusing our credentials, else None."""
+    text = str(exc)
+    code = getattr(exc, "error_code", None)
+    found = re.search(r"error code (401|403)\b", text)
+    if not found and code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return None
+    status = found[1] if found else code
+    return TrackingAuthError(f"MLflow server {server} refused our credentials ({status}) while {what}: set "
+                             f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account with access "
+                             f"(docs/cluster.md)")
 
 
 def server_of(uri: str) -> str:
