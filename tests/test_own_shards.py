@@ -55,8 +55,8 @@ def own(tmp_path_factory: pytest.TempPathFactory, foolbox_data: Path) -> dict:
     bad = out / "bad" / "00002.tar"
     bad.parent.mkdir()
     img2dataset_shard(bad, 2, photos[:4], label=lambda i: i % NUM_CLASSES if i != 2 else None)
-    return {"dir": out, "urls": str(out / "{00000..00001}.tar"), "shards": [str(out / f"{s:05d}.tar") for s in range(2)],
-            "bad": str(bad), "labels": labels, "photos": photos}
+    return {"dir": out, "urls": str(out / "{00000..00001}.tar"), "bad": str(bad), "labels": labels,
+            "shards": [str(out / f"{s:05d}.tar") for s in range(2)], "photos": photos}
 
 
 def cfg(own: dict, **over: Any) -> dict:
@@ -184,7 +184,8 @@ def sample(**members: Any) -> dict:
      r"label 'tench' in json:label is not an integer class index"),
     ("json:label", {"jpg": b"\xff\xd8\xff", "json": {"label": None}}, r"label None in json:label is not an integer"),
     ("json:labels", {"jpg": b"\xff\xd8\xff", "json": {"url": "u", "label": 1}},
-     r"sample 000000007 'json' member has no field 'labels' \(json holds: url, label\); set data\.label_key=json:label"),
+     r"sample 000000007 'json' member has no field 'labels' \(json holds: url, label\); "
+     r"set data\.label_key=json:label"),
     ("json:meta.label", {"jpg": b"\xff\xd8\xff", "json": {"meta": {"cls": 1}}},
      r"'json' member has no field 'meta\.label' \(meta holds: cls\)"),
     ("json:label", {"jpg": b"\xff\xd8\xff", "json": b"{not json"}, r"'json' member is not valid JSON"),
