@@ -14,35 +14,16 @@ import json
 import os
 import stat
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from data_tools.cifar_source import CifarSource, is_cifar
+from data_tools.items import Item, SourceError
 from data_tools.listing import LabelError, is_utf8, printable, resolve_labels, walk_class
 
 
-class SourceError(ValueError):
-    """The source cannot be listed (bad path, bad manifest row, mismatched IDX files)."""
-
-
-@dataclass(frozen=True)
-class Item:
-    """One input image as listed, before it is read.
-
-    `size` is the byte size the shard plan budgets for: the file size for files on disk
-    (exact for pass-through), an upper-bound estimate for IDX images encoded on the fly.
-    `error`: why the listing could not use this entry (unreadable folder, dangling symlink, ...);
-    the writer rejects it into errors.jsonl with that reason instead of reading it.
-    """
-
-    index: int
-    ref: str
-    label: int
-    size: int
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
-    error: str = ""
 
 
 class Source(Protocol):
@@ -277,8 +258,6 @@ def open_source(src: Path, *, labels: Path | None = None, class_names: list[str]
     """Pick the source kind from what `src` is: a folder, a .csv/.jsonl manifest, an IDX file, or CIFAR pickles."""
     if not src.exists():
         raise SourceError(f"{src}: source does not exist")
-    from data_tools.cifar import CifarSource, is_cifar  # here: data_tools.cifar imports this module
-
     if is_cifar(src):
         return CifarSource(src, split, class_names)
     if split is not None:

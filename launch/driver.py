@@ -37,12 +37,12 @@ class SweepOutcome:
 
 def validate(cfg: DictConfig, address: str | None) -> SweepSpec:
     """All Ray-free checks; raises SweepConfigError / ClusterResourceError / ValueError (one line)."""
-    from vitscale.engine.trainer import check_data_config
+    from vitscale.config import validate as validate_run
 
     spec = parse_sweep(cfg)
     validate_against(cfg, spec)
     check_reporting(cfg, spec)
-    check_data_config(cfg)
+    validate_run(cfg)
     check_local_shards(cfg)
     if address is None:  # the embedded Ray would get exactly this machine
         check_trial_fits([local_capacity()], spec.resources, "this machine (embedded Ray)")

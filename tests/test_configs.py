@@ -91,14 +91,14 @@ def test_precision_auto_is_fp32_on_cpu() -> None:
 
 
 def test_unset_jft_paths_give_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vitscale.engine.trainer import check_data_config
+    from vitscale.config import ConfigError, validate
 
     monkeypatch.delenv("JFT_TRAIN_SHARDS", raising=False)
-    with pytest.raises(ValueError, match="data.train_shards is not set"):
-        check_data_config(_compose("+experiment=vit_b16_jft"))
+    with pytest.raises(ConfigError, match="data.train_shards is not set"):
+        validate(_compose("+experiment=vit_b16_jft"))
     monkeypatch.setenv("JFT_TRAIN_SHARDS", "/data/jft-{000000..000009}.tar")
     cfg = _compose("+experiment=vit_b16_jft")
-    check_data_config(cfg)
+    validate(cfg)
     assert cfg.data.train_shards == "/data/jft-{000000..000009}.tar"
 
 

@@ -290,11 +290,12 @@ def test_checkpoint_upload_only_when_rank_0_sees_every_rank(tmp_path: Path, capl
 
 @pytest.mark.parametrize("every, ckpt_every, ok", [(0, 0, True), (4, 2, True), (3, 2, False), (2, 0, False)])
 def test_register_every_must_fall_on_checkpoints(every: int, ckpt_every: int, ok: bool) -> None:
-    from vitscale.engine.trainer import check_registry_config
+    from vitscale.config import ConfigError, validate
 
-    cfg = _compose([*TINY, f"tracking.register_every={every}", f"trainer.checkpoint_every={ckpt_every}"])
+    cfg = _compose([*TINY, f"tracking.register_every={every}", f"trainer.checkpoint_every={ckpt_every}",
+                    "data.train_shards=/shards/train-000000.tar"])
     if ok:
-        check_registry_config(cfg)
+        validate(cfg)
     else:
-        with pytest.raises(ValueError, match="tracking.register_every=.* multiple of trainer.checkpoint_every"):
-            check_registry_config(cfg)
+        with pytest.raises(ConfigError, match="tracking.register_every=.* multiple of trainer.checkpoint_every"):
+            validate(cfg)

@@ -25,11 +25,14 @@ log = logging.getLogger("vitscale.train")
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from vitscale.config import ConfigError, validate
+    from vitscale.data import ShardListError
     from vitscale.engine import Trainer, TrainingDiverged
 
     try:
+        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         Trainer(cfg, run_params=predicted_plan(cfg)).fit()
-    except TrainingDiverged as err:
+    except (ConfigError, ShardListError, TrainingDiverged) as err:  # the user's to fix: one line, exit 2
         log.error("%s", err)
         sys.exit(2)
 

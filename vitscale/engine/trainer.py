@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from vitscale.config import validate
 from vitscale.engine import checkpoint as ckpt
 from vitscale.engine.activation import apply_policy
 from vitscale.engine.compile import apply_compile, check_compile
@@ -38,25 +39,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def check_data_config(cfg: DictConfig) -> None:
-    """Fail before any worker starts when the shard list is unset (JFT paths come from the env)."""
-    shards = cfg.data.get("train_shards") if not OmegaConf.is_missing(cfg.data, "train_shards") else None
-    if not shards or shards == "???":
-        raise ValueError(
-            "data.train_shards is not set: pass data.train_shards='/path/train-{000000..000099}.tar' "
-            "(or set the environment variable named in configs/data/<dataset>.yaml, e.g. JFT_TRAIN_SHARDS)")
-
-
-def check_registry_config(cfg: DictConfig) -> None:
-    """tracking.register_every registers at checkpoints only: a value that is not a multiple of
-    trainer.checkpoint_every would silently register nothing until the end of the run."""
-    every = int(cfg.tracking.get("register_every") or 0)
-    ckpt_every = int(cfg.trainer.checkpoint_every)
-    if every > 0 and (ckpt_every <= 0 or every % ckpt_every):
-        raise ValueError(f"tracking.register_every={every} must be a multiple of trainer.checkpoint_every="
-                         f"{ckpt_every} (intermediate versions are exported from checkpoints)")
 
 
 class Trainer:
@@ -78,8 +60,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ public
     def fit(self) -> dict[str, Any]:
-        check_data_config(self.cfg)
-        check_registry_config(self.cfg)
+        validate(self.cfg)  # the entry points did it already; a Trainer built by other code gets it too
         self.dist = init_distributed(timeout_s=float(self.cfg.trainer.get("dist_timeout_s", 1800)))
         if not self.dist.is_main:  # one console: other ranks speak only for warnings and errors
             logging.getLogger("vitscale").setLevel(logging.WARNING)

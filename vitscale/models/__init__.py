@@ -1,7 +1,8 @@
 """The ViT model family (pure PyTorch; no engine, tracking or launcher imports)."""
 from vitscale.models.flops import flops_per_image
 from vitscale.models.posembed import resample_pos_embed
-from vitscale.models.registry import ModelConfig, create_model, list_models, model_config
+from vitscale.models.registry import ModelConfig, list_models, model_config
+from vitscale.models.vit import create_model
 from vitscale.models.vit import VisionTransformer
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Named model configurations and the `create_model` factory.
+"""Named model configurations: the one table of sizes (`create_model` in vit.py builds them).
 
 A name is only a starting point: every field of `ModelConfig` can be overridden, so sizes the
 registry does not list (a 28 px Fashion-MNIST ViT, a 2-block test model) need no new entry, and
@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # the model imports this module; avoid the cycle at run time
-    from vitscale.models.vit import VisionTransformer
+from typing import Any
 
 POOLS = ("token", "gap")
 # MLP activation: exact erf GELU (timm, PyTorch default) or the tanh approximation, which is what
@@ -168,10 +165,3 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
         raise ValueError(
             f"unknown override(s) {unknown} for model {name!r}; allowed: {', '.join(OVERRIDABLE)}")
     return ModelConfig(name=name, **{**_REGISTRY[name], **overrides})
-
-
-def create_model(name: str, **overrides: Any) -> VisionTransformer:
-    """Build a registered model; wrap in `with torch.device("meta"):` to size big ones for free."""
-    from vitscale.models.vit import VisionTransformer
-
-    return VisionTransformer(model_config(name, **overrides))

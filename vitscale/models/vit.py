@@ -16,7 +16,7 @@ from vitscale.models.flops import flops_per_image
 from vitscale.models.init import lecun_normal_
 from vitscale.models.layers import LAYER_NORM_EPS, Block
 from vitscale.models.posembed import infer_square_grid, resample_pos_embed
-from vitscale.models.registry import ModelConfig
+from vitscale.models.registry import ModelConfig, model_config
 
 CheckpointFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -251,3 +251,10 @@ def _resample_pos_embed_on_load(module: VisionTransformer, state_dict: dict, pre
     old_grid = infer_square_grid(src.shape[1] - module.num_prefix_tokens)
     state_dict[key] = resample_pos_embed(src, module.grid_size, module.num_prefix_tokens,
                                          mode=cfg.posemb_resize, old_grid=old_grid)
+
+
+def create_model(name: str, **overrides: Any) -> VisionTransformer:
+    """Build a registered model (vitscale.models.registry); any ModelConfig field can be overridden.
+    Wrap in `with torch.device("meta"):` to size big ones for free."""
+    return VisionTransformer(model_config(name, **overrides))
+
