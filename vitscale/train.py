@@ -28,6 +28,8 @@ def main(cfg: DictConfig) -> None:
     from vitscale.config import ConfigError, validate
     from vitscale.data import ShardListError
     from vitscale.engine import Trainer, TrainingDiverged
+    from vitscale.engine.checkpoint import CheckpointError
+    from vitscale.tracking import TrackingAuthError, TrackingUnreachable
 
     try:
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -35,6 +37,9 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, ShardListError, TrainingDiverged) as err:  # the user's to fix: one line, exit 2
         log.error("%s", err)
         sys.exit(2)
+    except (CheckpointError, TrackingUnreachable, TrackingAuthError) as err:  # the environment's: one line, exit 1
+        log.error("%s", err)
+        sys.exit(1)
 
 
 def predicted_plan(cfg: DictConfig) -> dict[str, object]:
