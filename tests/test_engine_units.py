@@ -95,8 +95,9 @@ def test_resume_resolution(tmp_path: Path) -> None:
     root = out / "checkpoints"
     (root / "step_00000004").mkdir(parents=True)
     (root / "step_00000004" / "mp_rank_00_model_states.pt").write_bytes(b"")
-    assert ckpt.resolve("auto", out) is None  # no `latest`: the save never completed
-    (root / "latest").write_text("step_00000004")
+    assert ckpt.resolve("auto", out) is None  # no rank files: the save never completed
+    (root / "step_00000004" / "rank_0.pt").write_bytes(b"")
+    (root / "latest").write_text("step_00000004")  # a checkpoint from before manifests: loaded unverified
     assert ckpt.resolve("auto", out) == ckpt.CheckpointRef(root, "step_00000004")
     assert ckpt.resolve(str(root / "step_00000004"), out) == ckpt.CheckpointRef(root, "step_00000004")
     assert ckpt.resolve(None, out) is None
