@@ -196,3 +196,68 @@ def test_progress_line_has_what_a_console_reader_needs() -> None:
     line = progress_line(record, max_steps=36100)
     assert line == ("step 100/36100 | loss 1.2346 | lr 1.00e-03 | 2,346 img/s | MFU 12.3% | data wait 10% | "
                     "mem 3.00 GiB | ETA 1:00:00")
+
+
+def test_cpu_thread_plan_gives_workers_cores_only_when_ranks_keep_two_threads() -> None:
+    from vitscale.engine.threads import plan_cpu_threads
+
+    # The 2-core demo: 2 ranks x 1 thread, their 2 workers time-slice (reserving would leave 0).
+    plan = plan_cpu_threads(2, 1, cores=2, env={})
+    assert (plan.torch_threads, plan.user_set) == (1, False)
+    assert plan.line() == "CPU threads: 2 cores, 2 local ranks x 1 torch threads, 1 loader workers x 1 thread"
+    assert plan_cpu_threads(1, 1, cores=2, env={}).torch_threads == 2  # a lone rank keeps both cores
+    assert plan_cpu_threads(2, 1, cores=4, env={}).torch_threads == 2  # reserving would leave 1 per rank
+    assert plan_cpu_threads(2, 1, cores=8, env={}).torch_threads == 3  # (8 - 2 workers) // 2 ranks
+    assert plan_cpu_threads(8, 4, cores=16, env={}).torch_threads == 2  # 32 workers cannot have cores
+    assert plan_cpu_threads(2, 0, cores=8, env={}).torch_threads == 4
+    assert plan_cpu_threads(4, 2, cores=2, env={}).torch_threads == 1  # never 0
+    user = plan_cpu_threads(2, 1, cores=8, env={"OMP_NUM_THREADS": "5"})
+    assert (user.torch_threads, user.user_set) == (5, True) and "(OMP_NUM_THREADS)" in user.line()
+
+
+def test_loader_call_sets_rank_threads_logs_once_and_caps_workers(monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from vitscale.engine import threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_SIZE", "2")
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        monkeypatch.setattr(threads, "_logged", set())
+        with caplog.at_level("INFO", logger="vitscale.engine.threads"):
+            init = threads.cpu_loader_worker_init(1, torch.device("cpu"))
+            assert threads.cpu_loader_worker_init(1, torch.device("cpu")) is init
+        assert torch.get_num_threads() == 3
+        assert caplog.text.count("CPU threads: 8 cores, 2 local ranks x 3 torch threads, 1 loader workers x 1 thread") == 1
+        assert threads.cpu_loader_worker_init(0, torch.device("cpu")) is None  # no workers, no init
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+            monkeypatch.delenv(var, raising=False)  # restored by monkeypatch after init sets them
+        assert init is not None
+        init(0)
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_group_of_one_needs_no_rendezvous_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    from vitscale.engine.distributed import init_distributed, teardown
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GLOO_SOCKET_IFNAME"):
+        monkeypatch.setenv(var, "x")  # registered for restoring, then removed for the call
+        monkeypatch.delenv(var)
+    before = torch.get_num_threads()
+    info = init_distributed(timeout_s=60)
+    try:
+        assert (info.launcher, info.world_size) == ("single", 1) and "MASTER_PORT" not in os.environ
+        t = torch.ones(2)
+        dist.all_reduce(t)
+        assert t.tolist() == [1.0, 1.0]
+    finally:
+        teardown(info)
+        torch.set_num_threads(before)

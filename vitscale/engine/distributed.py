@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vitscale.engine.threads import apply_rank_threads, local_world_size, plan_cpu_threads
+
 log = logging.getLogger(__name__)
 _LOCAL_RANK_ARG = re.compile(r"^--local[_-]rank(=(\d+))?$")
 
@@ -65,12 +67,6 @@ def strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _detect_launcher() -> str:
     if dist.is_available() and dist.is_initialized():
         return "external"
@@ -94,20 +90,21 @@ def local_address(peer: str | None = None) -> str:
         return "unknown"
 
 
-def split_cpu_threads(local_world_size: int) -> int | None:
+def split_cpu_threads(local_world_size: int, loader_workers: int = 0) -> int | None:
     """On CPU, give each local rank its share of the cores unless OMP_NUM_THREADS says otherwise.
 
     torch starts one intra-op thread per core in every process; two ranks on two cores then run
     four compute threads plus their data workers, and time-slice (the demo's pre-training ran ~10 %
     slower that way). torchrun exports OMP_NUM_THREADS=1 for this reason; the deepspeed launcher
-    does only with --bind_cores_to_rank. Returns the thread count set, or None when left alone.
+    does only with --bind_cores_to_rank. The rule, and why, is vitscale.engine.threads'
+    (``plan_cpu_threads``); the loader settles it again once its worker count is known.
+    Returns the thread count set, or None when left alone.
     """
-    if "OMP_NUM_THREADS" in os.environ or local_world_size <= 1:
+    if "OMP_NUM_THREADS" in os.environ or (local_world_size <= 1 and loader_workers <= 0):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // local_world_size)
-    torch.set_num_threads(threads)
-    return threads
+    plan = plan_cpu_threads(local_world_size, loader_workers)
+    apply_rank_threads(plan)
+    return plan.torch_threads
 
 
 def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
@@ -117,12 +114,18 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     launcher = _detect_launcher()
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
     if launcher == "single":
+        # A group of one needs no rendezvous: an in-process HashStore instead of a TCPStore, so a
+        # plain `python vitscale/train.py` opens no rendezvous port (TCPStore binds every interface).
+        # gloo's transport still opens a socket per group; keep it on loopback, not on whatever the
+        # host name resolves to.
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if not cuda and "lo" in {name for _, name in socket.if_nameindex()}:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     if launcher != "external":
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts a group that exists
     else:
         backend = dist.get_backend()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -132,11 +135,11 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
-        threads = split_cpu_threads(local_world)
+        # Ranks' share now; the loader (vitscale.engine.threads.cpu_loader_worker_init) settles it
+        # with its worker count and logs the "CPU threads: ..." line.
+        threads = split_cpu_threads(local_world_size())
         if threads is not None:
-            log.info("CPU: %d torch thread(s) per rank for %d local ranks (set OMP_NUM_THREADS to choose)",
-                     threads, local_world)
+            log.debug("CPU: %d torch thread(s) per rank for %d local ranks", threads, local_world_size())
     info = DistInfo(rank, world, local_rank, launcher, device, backend, owns_group=launcher != "external")
     log.info("rank %d/%d local_rank %d on %s (%s) via %s, %s, collective timeout %.0f s", rank, world,
              local_rank, socket.gethostname(), local_address(), launcher, backend, timeout_s)
