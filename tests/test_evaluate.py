@@ -16,7 +16,8 @@ import webdataset as wds
 from PIL import Image
 from safetensors.torch import save_file
 
-from vitscale.evaluate import evaluate_topk, extract_features, fewshot_accuracy, main, ridge_fit
+from vitscale.eval import evaluate_topk, extract_features, fewshot_accuracy, ridge_fit
+from vitscale.evaluate import main
 
 
 def _batches(logits: torch.Tensor, labels: torch.Tensor, size: int) -> list[dict]:
@@ -180,7 +181,7 @@ def test_extract_features_rejects_labels_beyond_num_classes():
 def test_checkpoint_alone_is_evaluated_with_its_training_preprocessing(tmp_path):
     """The CLI rebuilds eval preprocessing from the export's train_config.yaml: a 28 px dataset trained
     with eval_crop_pct=1.0 must not be center-cropped at timm's 0.875 (that cost 3.4 points here)."""
-    from vitscale.evaluate import EvalPreprocessing, training_preprocessing
+    from vitscale.eval import EvalPreprocessing, training_preprocessing
 
     assert training_preprocessing(tmp_path, 3) == EvalPreprocessing((0.5,) * 3, (0.5,) * 3, 0.875)
     (tmp_path / "train_config.yaml").write_text("data:\n  mean: [0.286]\n  std: [0.353]\n  eval_crop_pct: 1.0\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitscale.figures import (
+from vitscale.eval.figures import (
     attention_distance_by_depth, log_run_figures, mean_attention_distance, patch_embedding_components,
     position_embedding_similarity, read_metrics,
 )
@@ -105,7 +105,7 @@ def test_run_figures_render_and_are_logged(tmp_path):
 
     from safetensors.torch import save_file
 
-    from vitscale.figures import log_export_figures
+    from vitscale.eval.figures import log_export_figures
 
     export = tmp_path / "export"
     export.mkdir()

@@ -1,8 +1,8 @@
 """The loop's evaluation call site: exact top-k over the whole validation set, across ranks.
 
 The evaluator itself (counting, padding ranks that run out of batches so ZeRO-3's collective
-forwards stay in lock-step) is ``vitscale.evaluate.evaluate_topk``; this module only supplies the
-engine's forward and the loader, and tags the results for the log.
+forwards stay in lock-step) is the library's ``vitscale.eval.topk.evaluate_topk`` (never the CLI
+module); this module only supplies the engine's forward and the loader, and tags the results for the log.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def run_eval(trainer: "Trainer") -> dict[str, Any]:
     if not urls:
         return {}
     from vitscale.data import build_eval_loader
-    from vitscale.evaluate import evaluate_topk
+    from vitscale.eval.topk import evaluate_topk
 
     loader = build_eval_loader(
         urls, batch_size=int(cfg.eval.batch_size), rank=info.rank, world_size=info.world_size,

@@ -26,11 +26,13 @@ from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH
 from vitscale.tracking.base import NullTracker, Tracker
 from vitscale.tracking.provenance import data_fingerprints, flatten_params, git_commit
 from vitscale.tracking.replay import UNSENT_METRICS, replay_command, write_unsent_registrations
+from vitscale.tracking.lineage import NOTE_TAG, lineage_markdown, lineage_of, source_lineage
 from vitscale.tracking.registry import (
-    CHECKPOINT_ARTIFACT_DIR, OUTPUT_DIR_TAG, RegisteredVersion, check_export_dir, register_export, source_lineage,
+    CHECKPOINT_ARTIFACT_DIR, OUTPUT_DIR_TAG, RegisteredVersion, check_export_dir, register_export,
 )
 from vitscale.tracking.resilience import Outcome, Resilient, RetryPolicy
-from vitscale.tracking.settings import RUN_ID_FILE, TrackingSettings, to_container
+from vitscale.tracking.settings import RUN_ID_FILE, TrackingSettings, default_run_name, to_container
+from vitscale.tracking.ui import ui_hint
 from vitscale.tracking.uris import is_local_store, resolve_tracking_uri
 
 log = logging.getLogger("vitscale.tracking")
@@ -67,6 +69,7 @@ class MlflowTracker(Tracker):
         self._last_flush = clock()
         self._existing_params: dict[str, str] = {}
         self._run_tags: dict[str, str] = {}
+        self._run_name: str | None = None
         self._started = False
         self.run_id = None
         self.registered: list[RegisteredVersion] = []
@@ -78,6 +81,9 @@ class MlflowTracker(Tracker):
         container = to_container(cfg)
         self._started = True
         self._run_tags = self._provenance_tags(container) | {k: str(v) for k, v in (tags or {}).items()}
+        # Always named here: MLflow's generated names come from Python's `random`, which the trainer
+        # has seeded by now, so every run would get the same one.
+        self._run_name = self.settings.run_name or default_run_name(container, self.settings)
         config_dir = self.local_dir / "config"
         config_dir.mkdir(parents=True, exist_ok=True)
         (config_dir / "config.yaml").write_text(yaml.safe_dump(container, sort_keys=False))
@@ -91,9 +97,18 @@ class MlflowTracker(Tracker):
         # Lineage: the registered version / run this fine-tune starts from. The trainer passes the tags
         # of the weights it loaded; resolving the source here is the fallback for other callers.
         if source and "finetune.source_uri" not in self._run_tags:
-            self._enqueue("record fine-tune source", lambda rid: self._send_tags(
+            self._enqueue("record fine-tune source", lambda rid: self._record_lineage(
                 rid, source_lineage(self._client_or_create(), str(source))))
+        elif lineage_of(self._run_tags):
+            self._enqueue("describe fine-tune source", lambda rid: self._record_lineage(rid, {}))
         self.flush()
+
+    def _record_lineage(self, run_id: str, resolved: Mapping[str, str]) -> None:
+        """Lineage tags, and the run's description linking the source version and run pages."""
+        self._run_tags |= resolved
+        lineage = lineage_of(self._run_tags)
+        note = lineage_markdown(self._client_or_create(), lineage)
+        self._send_tags(run_id, {**resolved, **({NOTE_TAG: note} if note else {})})
 
     def _provenance_tags(self, container: Mapping[str, Any]) -> dict[str, str]:
         tags: dict[str, str] = {}
@@ -149,12 +164,13 @@ class MlflowTracker(Tracker):
             else:
                 client.update_run(run_id, status="RUNNING")
                 self._existing_params = dict(run.data.params)
-                log.info("MLflow: re-opened run %s", run_id)
+                log.info("MLflow: re-opened run %s (%s); runs list: %s", run_id, run.info.run_name,
+                         ui_hint(self.tracking_uri, run.info.experiment_id))
                 return run_id
-        run = client.create_run(self._experiment_id(client), run_name=self.settings.run_name,
-                                tags=self._run_tags)
-        log.info("MLflow: run %s in experiment %r at %s", run.info.run_id, self.settings.experiment,
-                 self.tracking_uri)
+        experiment_id = self._experiment_id(client)
+        run = client.create_run(experiment_id, run_name=self._run_name, tags=self._run_tags)
+        log.info("MLflow: run %s (%s) in experiment %r at %s; runs list: %s", run.info.run_id, run.info.run_name,
+                 self.settings.experiment, self.tracking_uri, ui_hint(self.tracking_uri, experiment_id))
         return run.info.run_id
 
     def _find_trial_run(self, client: MlflowClient) -> str | None:
@@ -262,18 +278,21 @@ class MlflowTracker(Tracker):
         aliases = tuple(aliases)
         metrics = dict(metrics or {})
 
+        tags = {str(k): str(v) for k, v in (tags or {}).items()}
         record = {"export_dir": str(export_dir), "name": name, "step": step, "metrics": metrics,
                   "best_metric": best_metric, "mode": mode, "aliases": list(aliases),
-                  "tags": {str(k): str(v) for k, v in (tags or {}).items()}}
+                  "tags": lineage_of(self._run_tags) | tags}
         self._unsent_registrations.append(record)  # until the server confirms it (end() writes it out)
 
         def send(run_id: str) -> RegisteredVersion:
-            version = register_export(self._client_or_create(), run_id, export_dir, name, step=step,
-                                      metrics=metrics, best_metric=best_metric, mode=mode,
-                                      aliases=aliases, tags=tags)
+            client = self._client_or_create()
+            lineage = lineage_of(self._run_tags)  # a fine-tune's versions carry their source too
+            version = register_export(client, run_id, export_dir, name, step=step, metrics=metrics,
+                                      best_metric=best_metric, mode=mode, aliases=aliases, tags=lineage | tags,
+                                      description=lineage_markdown(client, lineage))
             self._unsent_registrations.remove(record)
             self.registered.append(version)
-            log.info("MLflow: registered %s (aliases %s)", version.uri, ", ".join(version.aliases))
+            log.info("MLflow: registered %s", version.describe())
             return version
         before = len(self.registered)
         self._enqueue(f"register {name}", send)

@@ -20,12 +20,12 @@ from vitscale.tracking.cache import cache_root as _cache_root
 from vitscale.tracking.cache import download_once as _download_once
 from vitscale.tracking.cache import recall, remember
 from vitscale.tracking.cache import safe_part as _safe
+from vitscale.tracking.lineage import newest_version
 from vitscale.tracking.reach import (
     DEFAULT_TIMEOUT_S, TrackingUnreachable, auth_error, fast_fail_http, server_of, unreachable_reason,
 )
-from vitscale.tracking.uris import (
-    URI_FORMS, LocalURI, ModelURI, RunURI, parse_uri, resolve_tracking_uri,
-)
+from vitscale.tracking.stores import TrackingNotFound, describe_store, require_store, uri_origin
+from vitscale.tracking.uris import URI_FORMS, LocalURI, ModelURI, RunURI, parse_uri, resolve_tracking_uri
 
 log = logging.getLogger("vitscale.tracking")
 WEIGHTS_FILE = "model.safetensors"
@@ -50,6 +50,17 @@ class RegisteredVersion:
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
+
+    @property
+    def stored_aliases(self) -> tuple[str, ...]:
+        """The aliases set in the registry (`aliases` also lists `latest`, which MLflow resolves to the
+        newest version without storing it, so the UI never shows it)."""
+        return tuple(a for a in self.aliases if a != LATEST)
+
+    def describe(self) -> str:
+        """For logs: what the registry will show, and that @latest reaches this version for now."""
+        stored = ", ".join(f"@{a}" for a in self.stored_aliases) or "none"
+        return f"{self.uri} (aliases: {stored}; models:/{self.name}@latest resolves to it while it is the newest)"
 
 
 @dataclass(frozen=True)
@@ -140,6 +151,7 @@ def register_export(
     mode: str = "max",
     aliases: Iterable[str] = (),
     tags: Mapping[str, str] | None = None,
+    description: str | None = None,
 ) -> RegisteredVersion:
     """Log `export_dir` to the run, create a version of `name`, point `aliases` (and maybe `best`) at it.
 
@@ -175,7 +187,7 @@ def register_export(
     if step is not None:
         version_tags["step"] = str(step)
     version_tags |= {k: str(v) for k, v in (tags or {}).items()}
-    mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags)
+    mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags, description=description)
     applied = [LATEST]
     for alias in (a for a in aliases if a.lower() != LATEST):
         client.set_registered_model_alias(name, alias, mv.version)
@@ -185,27 +197,6 @@ def register_export(
         client.set_registered_model_alias(name, BEST_ALIAS, mv.version)
         applied.append(BEST_ALIAS)
     return RegisteredVersion(name, str(mv.version), run_id, source, tuple(applied))
-
-
-def source_lineage(client: MlflowClient, uri: str) -> dict[str, str]:
-    """Lineage tags for a fine-tune source without downloading it: which registered version
-    (an alias resolved now) or run the weights come from."""
-    parsed = parse_uri(uri)
-    tags = {"finetune.source_uri": str(uri)}
-    if isinstance(parsed, ModelURI):
-        if parsed.alias:
-            mv = client.get_model_version_by_alias(parsed.name, parsed.alias)
-        else:
-            version = _newest_version(client, parsed.name) if parsed.latest else parsed.version
-            mv = client.get_model_version(parsed.name, version)
-        tags |= {"finetune.source_model": parsed.name, "finetune.source_version": str(mv.version)}
-        if mv.run_id:
-            tags["finetune.source_run_id"] = mv.run_id
-    elif isinstance(parsed, RunURI):
-        tags["finetune.source_run_id"] = parsed.run_id
-    else:
-        tags["finetune.source_path"] = str(Path(parsed.path).resolve())
-    return tags
 
 
 # ---------------------------------------------------------------------------------------------- resolve
@@ -219,8 +210,18 @@ def _get_run(client: MlflowClient, run_id: str):
         return client.get_run(run_id)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise LookupError(f"unknown MLflow run {run_id!r} at tracking URI {client.tracking_uri}") from None
+            uri = client.tracking_uri
+            raise TrackingNotFound(f"unknown MLflow run {run_id!r} in the store {describe_store(uri)} "
+                                   f"({uri_origin(uri)})") from None
         raise
+
+
+def require_run(run_id: str, tracking_uri: str | None = None):
+    """The run (for a CLI's --run-id, checked before any work) or TrackingNotFound naming the store;
+    a missing sqlite store is reported, not created."""
+    uri = resolve_tracking_uri(tracking_uri)
+    require_store(uri, f"looking up run {run_id}")
+    return _get_run(MlflowClient(uri), run_id)
 
 
 def resolve_weights(
@@ -254,6 +255,8 @@ def resolve_weights(
     tracking_uri = resolve_tracking_uri(tracking_uri)
     # Without an explicit registry URI MLflow falls back to the *global* one, not this tracking URI.
     registry_uri = registry_uri or tracking_uri
+    # MLflow would create an empty sqlite store and then report the model missing from it.
+    require_store(registry_uri if isinstance(parsed, ModelURI) else tracking_uri, f"resolving {text}")
     server = server_of(registry_uri if isinstance(parsed, ModelURI) else tracking_uri)
     try:
         with fast_fail_http(timeout_s):
@@ -288,18 +291,7 @@ def _resolve_remote(parsed: ModelURI | RunURI, text: str, dst: Path | None, trac
                     registry_uri: str) -> ResolvedWeights:
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
     if isinstance(parsed, ModelURI):
-        try:
-            if parsed.alias:
-                mv = client.get_model_version_by_alias(parsed.name, parsed.alias)
-            else:
-                version = _newest_version(client, parsed.name) if parsed.latest else parsed.version
-                mv = client.get_model_version(parsed.name, version)
-        except MlflowException as exc:
-            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise
-            what = f"alias {parsed.alias!r}" if parsed.alias else f"version {parsed.version}"
-            raise LookupError(f"registered model {parsed.name!r} has no {what} "
-                              f"(registry at {server_of(registry_uri)}): {_one_line(exc)}") from None
+        mv = _model_version(client, parsed, registry_uri)
         sub = f"/{parsed.subpath}" if parsed.subpath else ""
         # run ids are globally unique, so two stores with a "v1" of the same name never share a cache entry
         leaf = f"v{mv.version}-{(mv.run_id or 'norun')[:12]}{_safe(sub)}"
@@ -322,22 +314,41 @@ def _resolve_remote(parsed: ModelURI | RunURI, text: str, dst: Path | None, trac
     return ResolvedWeights(path, text, run_id=parsed.run_id)
 
 
-def _newest_version(client: MlflowClient, name: str) -> str:
-    quoted = name.replace("'", "\\'")
-    versions = [int(v.version) for v in client.search_model_versions(f"name = '{quoted}'")]
-    if not versions:
-        raise MlflowException(f"registered model {name!r} has no versions", error_code="RESOURCE_DOES_NOT_EXIST")
-    return str(max(versions))
+def _model_version(client: MlflowClient, parsed: ModelURI, registry_uri: str):
+    """The ModelVersion a models:/ URI names, or TrackingNotFound saying what exists instead."""
+    try:
+        if parsed.alias:
+            return client.get_model_version_by_alias(parsed.name, parsed.alias)
+        version = newest_version(client, parsed.name) if parsed.latest else parsed.version
+        if version is not None:
+            return client.get_model_version(parsed.name, version)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+    raise TrackingNotFound(_missing_model_message(client, parsed, registry_uri)) from None
+
+
+def _missing_model_message(client: MlflowClient, parsed: ModelURI, registry_uri: str) -> str:
+    what = f"alias {parsed.alias!r}" if parsed.alias else (
+        "versions (so @latest names nothing)" if parsed.latest else f"version {parsed.version}")
+    where = f"in the registry {describe_store(registry_uri)} ({uri_origin(registry_uri)})"
+    try:
+        model = client.get_registered_model(parsed.name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models(max_results=20))
+        there = f"registered models there: {', '.join(names[:8])}" if names else "it holds no registered models"
+        return f"registered model {parsed.name!r} has no {what}: no model of that name {where}; {there}"
+    newest = newest_version(client, parsed.name)
+    aliases = sorted(getattr(model, "aliases", {}) or {})
+    known = (f"newest version {newest}" if newest else "no versions") + (
+        f", aliases {', '.join('@' + a for a in aliases)}" if aliases else ", no aliases")
+    return f"registered model {parsed.name!r} has no {what} {where} (it has {known})"
 
 
 def _newest_export_artifact(client: MlflowClient, run_id: str) -> str:
     exports = sorted(f.path for f in client.list_artifacts(run_id, EXPORT_ARTIFACT_DIR) if f.is_dir)
     if not exports:
-        raise LookupError(f"run {run_id} has no {EXPORT_ARTIFACT_DIR}/ artifacts: "
-                          f"name one with runs:/{run_id}/<path> or register an export first")
+        raise TrackingNotFound(f"run {run_id} has no {EXPORT_ARTIFACT_DIR}/ artifacts in the store "
+                               f"{describe_store(client.tracking_uri)}: name one with runs:/{run_id}/<path> or "
+                               f"register an export first")
     return exports[-1]
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -100,7 +100,7 @@ def replay(tracking_dir: Path, *, tracking_uri: str | None = None) -> tuple[int,
                       type(exc).__name__, " ".join(str(exc).split())[:300])
             left.append(record)
             continue
-        print(f"registered {version.uri} (aliases {', '.join(version.aliases)}) from {record['export_dir']}")
+        print(f"registered {version.describe()} from {record['export_dir']}")
         sent += 1
     _rewrite(regs_path, left)
     metrics_path = tracking_dir / UNSENT_METRICS

@@ -17,6 +17,7 @@ from vitscale.tracking.reach import (
     DEFAULT_TIMEOUT_S, TrackingUnreachable, auth_error, fast_fail_http, server_of, unreachable_reason,
 )
 from vitscale.tracking.registry import CHECKPOINT_ARTIFACT_DIR, OUTPUT_DIR_TAG, ResolvedCheckpoint, _get_run
+from vitscale.tracking.stores import TrackingNotFound, describe_store, require_store
 from vitscale.tracking.uris import LocalURI, RunURI, parse_uri, resolve_tracking_uri
 
 
@@ -55,6 +56,7 @@ def resolve_resume(
     if not isinstance(parsed, RunURI):
         raise ValueError(f"resume URI {uri!r} must be runs:/RUN_ID or a local checkpoint folder")
     tracking_uri = resolve_tracking_uri(tracking_uri)
+    require_store(tracking_uri, f"resolving resume={uri}")  # not an empty store created in passing
     try:
         with fast_fail_http(timeout_s):
             return _resume_from_run(parsed, dst, MlflowClient(tracking_uri=tracking_uri))
@@ -77,8 +79,9 @@ def _resume_from_run(parsed: RunURI, dst: Path | None, client: MlflowClient) -> 
     prefix = parsed.path or CHECKPOINT_ARTIFACT_DIR
     names = {Path(f.path).name for f in client.list_artifacts(parsed.run_id, prefix)}
     if "latest" not in names:
-        raise LookupError(f"run {parsed.run_id} has no DeepSpeed checkpoint: output_dir {output_dir!r} "
-                          f"has none here and there is no {prefix}/latest artifact")
+        raise TrackingNotFound(f"run {parsed.run_id} has no DeepSpeed checkpoint: output_dir {output_dir!r} "
+                               f"has none here and there is no {prefix}/latest artifact in the store "
+                               f"{describe_store(client.tracking_uri)}")
     final = Path(dst) if dst else _cache_root() / "runs" / parsed.run_id / "resume"
     latest_dir = Path(download_artifacts(run_id=parsed.run_id, artifact_path=f"{prefix}/latest",
                                          dst_path=str(final.parent / ".latest"), tracking_uri=client.tracking_uri))

@@ -1,6 +1,8 @@
 """`tracking.*` config keys, validated once so a typo fails at start-up, not hours later."""
 from __future__ import annotations
 
+import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -64,6 +66,16 @@ def _has_checkpoint(root: Path) -> bool:
     """What the engine's resume=auto would resume from: a `latest` file or a tag with a manifest
     (resume=auto no longer needs `latest`, so neither may the run it continues)."""
     return (root / "latest").is_file() or any(root.glob("step_*/manifest.json"))
+
+
+def default_run_name(container: Mapping[str, Any], settings: TrackingSettings) -> str:
+    """``<config name or experiment>[-trial-<id>]-<YYYYmmdd-HHMMSS>-<4 hex>``: readable in the runs list
+    and distinct even for runs started in the same second. The suffix comes from `secrets`, not
+    `random`, which the trainer seeds identically for every run."""
+    base = str(container.get("name") or settings.experiment)
+    if settings.trial_id:
+        base += f"-trial-{settings.trial_id}"
+    return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def to_container(cfg: Any) -> dict[str, Any]:
