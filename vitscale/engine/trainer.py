@@ -236,7 +236,7 @@ class Trainer:
         assert self.dist is not None
         if not self.dist.is_main or not self.cfg.tracking.get("figures", True):
             return
-        from vitscale.figures import log_export_figures
+        from vitscale.eval.figures import log_export_figures
 
         try:
             names = log_export_figures(self.tracker, out, images=getattr(self, "sample_images", None),
