@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "vitscale.data.TrainLoader/1"
 _DRAW, _WINDOW, _AUGMENT, _MIX = 0, 1, 2, 3  # stream tags inside derive_seed
+_LAYOUT_KEYS = ("world_size", "num_workers", "batch_size")  # may change on an elastic resume (remapped)
 
 
 class BadShardsError(RuntimeError):
@@ -206,9 +207,16 @@ class TrainLoader:
             ranks = {str(r): s for r, s in gathered}
         return {"format": STATE_FORMAT, **self._fingerprint(), "ranks": ranks}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, elastic: bool = False) -> None:
+        """Restore the position. With ``elastic=True`` a state written with another world size,
+        number of workers or batch size is remapped (see `_remap`, docs/data.md "Resuming on another
+        world size") instead of refused; seed, shard count and shuffle buffer must still match."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"train loader state: expected format {STATE_FORMAT!r}, got {state.get('format')!r}")
+        layout = {k: v for k, v in self._fingerprint().items() if k in _LAYOUT_KEYS and state.get(k) != v}
+        if elastic and layout:
+            self._remap(state, layout)
+            return
         for key, value in self._fingerprint().items():
             if state.get(key) != value:
                 raise ValueError(f"train loader state: {key}={state.get(key)!r} in the checkpoint but {value!r} "
@@ -220,6 +228,31 @@ class TrainLoader:
         self.positions = {w: (int(d), int(o)) for w, (d, o) in enumerate(mine["positions"])}
         self.next_worker, self.batches = int(mine["next_worker"]), int(mine["batches"])
         self.bad_shards = int(mine["bad_shards"])
+
+
+    def _remap(self, state: dict, changed: dict[str, Any]) -> None:
+        """Continue a stream whose (rank, worker) layout changed: exactness per (rank, worker) cannot
+        hold, so every stream of the new layout starts at draw ``D`` = one past the furthest draw any
+        old stream had begun, offset 0. A (rank, worker) that existed before therefore never re-reads a
+        draw it had started (no shard list is replayed from its beginning), new ones are fresh; the
+        rest of each partly read draw is abandoned. Deterministic in the checkpoint alone, and the next
+        checkpoint holds exact positions again (a later resume on the same layout is exact)."""
+        for key in ("seed", "num_shards", "shuffle_buffer"):
+            if state.get(key) != self._fingerprint()[key]:
+                raise ValueError(f"train loader state: {key}={state.get(key)!r} in the checkpoint but "
+                                 f"{self._fingerprint()[key]!r} now; the stream cannot continue with another {key}")
+        old = list(state["ranks"].values())
+        start = 1 + max(int(d) for r in old for d, _ in r["positions"])
+        self.positions = {w: (start, 0) for w in range(self.num_streams)}
+        self.next_worker = 0
+        self.batches = max(int(r["batches"]) for r in old)  # mixup seeds: past every old rank's
+        self.bad_shards = max(int(r["bad_shards"]) for r in old)
+        if self.rank == 0:
+            was = ", ".join(f"{k}={state.get(k)}" for k in changed)
+            now = ", ".join(f"{k}={v}" for k, v in changed.items())
+            log.warning("data stream: checkpoint written with %s, now %s: positions are not exact per (rank, "
+                        "worker); every stream continues at draw %d (past every draw the old streams began)",
+                        was, now, start)
 
 
 def build_train_loader(cfg_data: Any, *, batch_size: int, rank: int, world_size: int, seed: int,

@@ -78,8 +78,12 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build(cfg: DictConfig, world_size: int, *, precision: str, device: torch.device) -> dict[str, Any]:
-    """The full DeepSpeed config for this run (``precision`` already resolved, see resolve_precision)."""
+def build(cfg: DictConfig, world_size: int, *, precision: str, device: torch.device,
+          load_universal: bool = False) -> dict[str, Any]:
+    """The full DeepSpeed config for this run (``precision`` already resolved, see resolve_precision).
+
+    ``load_universal``: the run resumes a checkpoint written by another world size, converted to
+    DeepSpeed's universal format; DeepSpeed reads ``checkpoint.load_universal`` at load time only."""
     plan = batch_plan(int(cfg.trainer.global_batch_size), int(cfg.trainer.micro_batch_size), world_size)
     zero = OmegaConf.to_container(cfg.deepspeed.zero_optimization, resolve=True)
     assert isinstance(zero, dict)
@@ -107,5 +111,7 @@ def build(cfg: DictConfig, world_size: int, *, precision: str, device: torch.dev
     sched = scheduler_config(cfg.optim.schedule, float(cfg.optim.lr), int(cfg.trainer.max_steps))
     if sched is not None:
         ds["scheduler"] = sched
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     extra = cfg.deepspeed.get("extra") or {}
     return _deep_merge(ds, OmegaConf.to_container(extra, resolve=True) if isinstance(extra, DictConfig) else dict(extra))

@@ -57,6 +57,9 @@ class Trainer:
         self.loader: Any = None
         self.step = 0
         self.nan_skips = 0
+        self.resume_ref: ckpt.CheckpointRef | None = None  # set by _locate_resume, before setup
+        self.resume_world: int | None = None  # ranks that wrote resume_ref
+        self.resume_universal = False  # resume_ref needs DeepSpeed's universal checkpoint (world size changed)
 
     # ------------------------------------------------------------------ public
     def fit(self) -> dict[str, Any]:
@@ -87,7 +90,8 @@ class Trainer:
         self.model_config = dict(model.config)
         tc = cfg.trainer
         self.precision = resolve_precision(str(tc.precision), info.device)
-        self.ds_config = build_ds_config(cfg, info.world_size, precision=self.precision, device=info.device)
+        self.ds_config = build_ds_config(cfg, info.world_size, precision=self.precision, device=info.device,
+                                         load_universal=self.resume_universal)
         self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
         self.accumulation = int(self.ds_config["gradient_accumulation_steps"])
         self.loop_clips = loop_clips_gradients(self.zero_stage, self.precision)
@@ -137,21 +141,82 @@ class Trainer:
             cfg.data, batch_size=int(cfg.trainer.micro_batch_size), rank=info.rank,
             world_size=info.world_size, seed=int(cfg.seed), img_size=cfg.model.img_size,
             in_chans=int(cfg.model.in_chans))
-        if data_state is not None:
-            self.loader.load_state_dict(data_state)
+        if data_state is not None:  # elastic: another world size / workers / micro-batch is remapped, logged
+            self.loader.load_state_dict(data_state, elastic=True)
         return iter(self.loader)
 
-    def _resume(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        """Load the checkpoint ``resume`` names -> (data-stream state, RNG state); (None, None): fresh."""
+    def _locate_resume(self) -> None:
+        """Before setup (collective): the checkpoint ``resume`` names, its config checked against this
+        run's, and whether its world size differs (DeepSpeed reads ``checkpoint.load_universal`` from
+        the config it is initialised with, so this must be known before ``deepspeed.initialize``)."""
         assert self.dist is not None
         ref = ckpt.resolve(self.cfg.resume, self.output_dir, tracking_uri=self.cfg.tracking.get("uri"))
+        self.resume_ref = ref
+        if ref is None:
+            return
+        self._check_resume_config(ref)
+        self.resume_world = ckpt.written_world_size(ref)
+        self.resume_universal = self.resume_world != self.dist.world_size and ckpt.needs_universal(ref)
+
+    def _check_resume_config(self, ref: ckpt.CheckpointRef) -> None:
+        """resume=auto refuses a checkpoint whose stored config differs outside ckpt.MAY_CHANGE (one
+        line naming the keys and the two ways out); an explicit resume=PATH / runs:/ID warns."""
+        from vitscale.engine.checkpoint.locate import from_rank0
+
+        assert self.dist is not None
+        saved = from_rank0(lambda: ckpt.read_saved(ref.path))
+        what = f"resume={self.cfg.resume}"
+        if saved is None:
+            if self.dist.is_main:
+                log.warning("%s: %s has no %s (written before vitscale stored configs): config not compared",
+                            what, ref.path, ckpt.CONFIG_FILE)
+            return
+        current = OmegaConf.to_container(self.cfg, resolve=True)
+        assert isinstance(current, dict)
+        keys = ckpt.differing_keys(saved, current)
+        if not keys:
+            return
+        if self.cfg.resume == "auto":
+            raise ckpt.ResumeConfigError(ckpt.mismatch_line(what, ref.path, keys, saved, current, self.output_dir))
+        if self.dist.is_main:
+            from vitscale.engine.checkpoint.run_config import describe
+
+            log.warning("%s: checkpoint %s was written with a different config: %s; continuing, as the checkpoint "
+                        "was named explicitly", what, ref.path, describe(keys, saved, current))
+
+    def _resume(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """Load the located checkpoint -> (data-stream state, RNG state); (None, None): fresh.
+
+        On another world size (docs/training.md "Resuming on a different world size"): ZeRO 1-3 load
+        DeepSpeed's universal conversion (cached in <tag>/universal/), the global batch stays the
+        configured one (accumulation re-derived), the data stream is remapped (docs/data.md) and every
+        rank's RNG streams restart from (seed, step, rank): old ranks' streams have no new owner."""
+        assert self.dist is not None
+        ref, info = self.resume_ref, self.dist
         if ref is None:
             return None, None
-        client, rank_state = ckpt.load(self.engine, ref, rank=self.dist.rank)
+        elastic = self.resume_world is not None and self.resume_world != info.world_size
+        universal = None
+        if elastic:
+            how = "ZeRO-0: DeepSpeed's single model/optimizer file loads on any world size"
+            if self.resume_universal:
+                universal, how = ckpt.universal_ref(ref, optimizer=self.optimizer)
+            if info.is_main:
+                log.warning("world size changed: %s was written by %d ranks, this job has %d; %s; global batch %d "
+                            "kept (micro-batch %d x %d ranks x %d accumulation); data stream remapped and RNG "
+                            "streams re-derived from (seed, step, rank)", ref.path, self.resume_world,
+                            info.world_size, how, int(self.cfg.trainer.global_batch_size),
+                            int(self.cfg.trainer.micro_batch_size), info.world_size, self.accumulation)
+        client, rank_state = ckpt.load(self.engine, ref, rank=info.rank, written_world=self.resume_world,
+                                       universal=universal)
         self.step = int(client["step"])
         self.nan_skips = int(client.get("nan_skips", 0))
         log.info("resumed from %s at step %d", ref.path, self.step)
-        return rank_state.get("data"), rank_state["rng"]
+        rng = rank_state["rng"]
+        if elastic:
+            seed_everything(ckpt.derived_seed(int(self.cfg.seed), self.step, info.rank))
+            rng = ckpt.rng_state()
+        return rank_state.get("data"), rng
 
     # ------------------------------------------------------------------ loop
     def _fit(self) -> dict[str, Any]:
@@ -161,6 +226,7 @@ class Trainer:
 
             check_val_shards(self.cfg.data, world_size=self.dist.world_size,
                              num_workers=int(self.cfg.data.num_workers))
+        self._locate_resume()
         self.setup()
         data_state, rng = self._resume()
         batches = self._build_loader(data_state)
@@ -181,9 +247,10 @@ class Trainer:
         assert self.dist is not None
         ref = ckpt.save(
             self.engine, self.output_dir / "checkpoints", self.step, rank=self.dist.rank,
-            client_state={"step": self.step, "nan_skips": self.nan_skips},
+            client_state={"step": self.step, "nan_skips": self.nan_skips, **ckpt.universal_info()},
             rank_state={"rng": ckpt.rng_state(), "data": self.loader.state_dict()},
-            keep=int(self.cfg.trainer.keep_checkpoints))
+            keep=int(self.cfg.trainer.keep_checkpoints),
+            train_config=OmegaConf.to_yaml(self.cfg, resolve=True))
         if self.cfg.tracking.get("log_checkpoints") and self.dist.is_main:
             self._upload_checkpoint(ref)
         self.emit("on_checkpoint", self.step, str(ref.path), dict(metrics or {}))

@@ -28,12 +28,20 @@ from vitscale.engine.checkpoint.errors import (
 from vitscale.engine.checkpoint.locate import (
     TAG_PREFIX, CheckpointRef, latest, newest_intact, resolve, tag_for, tags, verify,
 )
+from vitscale.engine.checkpoint.elastic import (
+    UNIVERSAL, derived_seed, needs_universal, universal_info, universal_ref, written_world_size,
+)
 from vitscale.engine.checkpoint.manifest import MANIFEST, Problem
+from vitscale.engine.checkpoint.run_config import (
+    CONFIG_FILE, MAY_CHANGE, ResumeConfigError, differing_keys, mismatch_line, read_saved,
+)
 from vitscale.engine.checkpoint.safe_load import ALLOWED_GLOBALS, safe_load, weights_only_loads
 from vitscale.engine.checkpoint.store import REPLACED_DIR, describe_write_error, load, prune, save
 
 __all__ = [
-    "ALLOWED_GLOBALS", "MANIFEST", "REPLACED_DIR", "TAG_PREFIX", "CheckpointError", "CheckpointRef",
+    "ALLOWED_GLOBALS", "CONFIG_FILE", "MANIFEST", "MAY_CHANGE", "UNIVERSAL", "ResumeConfigError",
+    "derived_seed", "differing_keys", "mismatch_line", "needs_universal", "read_saved", "universal_info", "universal_ref",
+    "written_world_size", "REPLACED_DIR", "TAG_PREFIX", "CheckpointError", "CheckpointRef",
     "CorruptCheckpointError", "NoSpaceError", "Problem", "UnsafeCheckpointError", "consolidated_state_dict",
     "describe_write_error", "export", "latest", "load", "load_export", "newest_intact", "prune", "resolve",
     "rng_state", "safe_load", "save", "set_rng_state", "tag_for", "tags", "verify", "weights_only_loads",

@@ -108,11 +108,11 @@ def read(tag_dir: Path) -> dict[str, Any] | Problem:
 
 
 def structure_problem(tag_dir: Path, body: dict[str, Any], world_size: int | None) -> Problem | None:
-    """What the manifest lists must make a whole checkpoint for this job's world size."""
+    """What the manifest lists must make a whole checkpoint (of the world size that wrote it).
+
+    ``world_size`` (this job's) is not required to match: a checkpoint of another world size resumes
+    through DeepSpeed's universal checkpoint (elastic.py)."""
     files, written_by = body["files"], int(body.get("world_size", 0))
-    if world_size is not None and written_by != world_size:
-        return Problem(tag_dir / MANIFEST, f"written by {written_by} ranks, this job has {world_size} "
-                                           f"(resume needs the same world size)")
     missing = [f"rank_{r}.pt" for r in range(written_by) if f"rank_{r}.pt" not in files]
     if not any(name.endswith("model_states.pt") for name in files):
         missing.append("*model_states.pt")

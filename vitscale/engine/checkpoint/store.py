@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from vitscale.engine.checkpoint import manifest
 from vitscale.engine.checkpoint.errors import CheckpointError, NoSpaceError, one_line
+from vitscale.engine.checkpoint.run_config import CONFIG_FILE
 from vitscale.engine.checkpoint.locate import CheckpointRef, from_rank0, gather, group, latest, tag_for, tags
 from vitscale.engine.checkpoint.safe_load import safe_load, weights_only_loads
 
@@ -107,8 +108,11 @@ def _move_aside(ref: CheckpointRef) -> None:
 
 # -------------------------------------------------------------------------------------------- save
 def save(engine: Any, root: Path, step: int, *, rank: int, client_state: dict[str, Any],
-         rank_state: dict[str, Any], keep: int) -> CheckpointRef:
+         rank_state: dict[str, Any], keep: int, train_config: str | None = None) -> CheckpointRef:
     """Collective: every rank must call it. Returns the checkpoint written (complete, with manifest).
+
+    ``train_config`` (the resolved YAML) goes to ``<tag>/train_config.yaml``, written by rank 0 before
+    the manifest, so it is checksummed too; ``resume=auto`` compares it (run_config.py).
 
     Raises CheckpointError (NoSpaceError for a full disk) on every rank alike, with one line."""
     root = Path(root)
@@ -126,6 +130,8 @@ def save(engine: Any, root: Path, step: int, *, rank: int, client_state: dict[st
     if error is None:
         try:
             torch.save(rank_state, ref.path / f"rank_{rank}.pt")
+            if rank == 0 and train_config is not None:
+                (ref.path / CONFIG_FILE).write_text(train_config)
         except Exception as exc:  # noqa: BLE001
             error = describe_write_error(exc, ref.path)
     _raise_first(gather(error), ref, cleanup=True)
@@ -177,21 +183,30 @@ def prune(root: Path, keep: int) -> None:
 
 
 # -------------------------------------------------------------------------------------------- load
-def load(engine: Any, ref: CheckpointRef, *, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def load(engine: Any, ref: CheckpointRef, *, rank: int, written_world: int | None = None,
+         universal: CheckpointRef | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Collective. Restores engine (weights, optimizer, LR schedule); returns (client, rank) state.
 
+    ``universal`` (elastic.universal_ref): load DeepSpeed's universal conversion of ``ref`` instead of
+    its partitions; the engine must have been built with ``checkpoint.load_universal``. When the job's
+    world size differs from ``written_world``, rank r reads ``rank_{r mod N}.pt`` (its data-stream
+    state holds every old rank's positions; its RNG state is not used: see the Trainer).
     Every unpickling (DeepSpeed's included) is weights-only with DeepSpeed's allow-list."""
     from vitscale.engine.schedule import sync_lr_after_load
 
-    rank_file = ref.path / f"rank_{rank}.pt"
+    world = group()[1]
+    n = written_world or world
+    rank_file = ref.path / f"rank_{rank % n if n != world else rank}.pt"
     if not rank_file.is_file():
-        raise CheckpointError(
-            f"{rank_file} missing: the checkpoint was written by a different world size or not by vitscale")
+        raise CheckpointError(f"{rank_file} missing: the checkpoint was not written by vitscale or is incomplete")
+    if universal is not None and not engine.load_universal_checkpoint():
+        raise CheckpointError("internal: a universal checkpoint needs an engine built with checkpoint.load_universal")
+    load_dir, tag = (universal.root, universal.tag) if universal is not None else (ref.root, ref.tag)
     with weights_only_loads():
-        path, client_state = engine.load_checkpoint(str(ref.root), tag=ref.tag, load_optimizer_states=True,
+        path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                     load_lr_scheduler_states=True)
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {ref.path} (no model states for this rank)")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / tag} (no model states for this rank)")
     sync_lr_after_load(engine)
     _loaded.add(ref.path.resolve())
     return dict(client_state or {}), safe_load(rank_file)
