@@ -62,4 +62,8 @@ m = json.load(open(sys.argv[1]))
 top1 = m.get("test_top1", m.get("top1"))
 print(f"\nFashion-MNIST test top-1: {100 * top1:.2f} %  (metric test_top1={top1:.4f} on MLflow run {sys.argv[2]})")
 PYEOF
-echo "Runs, metrics, figures and the registry: .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI --host 127.0.0.1 --port 5000"
+# The store, the `export` line that points later commands (vitscale.evaluate, vitscale.figures, mlflow) at
+# it, the UI command and the runs-list URL (?workflowType=machine_learning: MLflow 3.17 otherwise opens the
+# empty GenAI Traces view).
+echo
+$PY -m vitscale.tracking.where --experiment vitscale

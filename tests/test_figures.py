@@ -146,3 +146,24 @@ def test_cli_draws_from_an_export_and_logs_to_a_run(tmp_path, monkeypatch):
     assert {p.name for p in written} == {"training_curves.png", "patch_embedding_pcs.png",
                                          "position_embedding_similarity.png"}  # no --shards: no attention
     assert {f.path for f in client.list_artifacts(run_id, "figures")} == {f"figures/{p.name}" for p in written}
+
+
+def test_position_embedding_ticks_sit_on_cell_centres():
+    """imshow centres pixel k at k: a block of `cells` pixels starting at s is centred at s + (cells - 1) / 2."""
+    import numpy as np
+
+    from vitscale.eval.figures import mosaic_tick_positions, plot_position_embedding_similarity
+
+    assert mosaic_tick_positions(3) == [1.0, 5.0, 9.0]
+    assert mosaic_tick_positions(2) == [0.5, 3.5]
+    gh, gw = 2, 3
+    fig = plot_position_embedding_similarity(torch.randn(1, 1 + gh * gw, 8), (gh, gw), 1)
+    ax = fig.axes[0]
+    mosaic = np.ma.filled(np.ma.asarray(ax.images[0].get_array(), dtype=float), np.nan)
+    for ticks, cells, line in ((ax.get_xticks(), gw, mosaic[0]), (ax.get_yticks(), gh, mosaic[:, 0])):
+        assert list(ticks) == mosaic_tick_positions(cells)
+        for centre in ticks:  # the block around each tick is all data, the pixels just outside are the gaps
+            lo, hi = int(centre - (cells - 1) / 2), int(centre + (cells - 1) / 2)
+            assert not np.isnan(line[lo:hi + 1]).any()
+            assert lo == 0 or np.isnan(line[lo - 1])
+            assert hi + 1 == len(line) or np.isnan(line[hi + 1])

@@ -325,3 +325,75 @@ def test_real_server_stopped_and_restarted_mid_run(tmp_path, monkeypatch):
         assert resolved.version == "1" and (resolved / "model.safetensors").read_bytes() == b"not-really-weights"
     finally:
         _stop_server(server)
+
+
+# ------------------------------------------------------------------ run names, UI URL, lineage (issue 16)
+def test_run_names_differ_even_with_seeded_random_and_run_name_wins(tmp_path, store):
+    """The trainer seeds Python's `random` before the run opens; MLflow's generated names come from it,
+    so every run used to be called the same. Names are now the config name + time + a secrets suffix."""
+    import random
+
+    names = []
+    for out in ("a", "b"):
+        cfg = {**_cfg(tmp_path, store), "name": "demo_pretrain", "output_dir": str(tmp_path / out)}
+        random.seed(0)
+        tracker = make_tracker(cfg, rank=0)
+        tracker.start(cfg)
+        tracker.end()
+        names.append(MlflowClient(store).get_run(tracker.run_id).info.run_name)
+    assert names[0] != names[1]
+    assert all(n.startswith("demo_pretrain-") for n in names)
+    cfg = {**_cfg(tmp_path, store, run_name="my-run"), "output_dir": str(tmp_path / "c")}
+    tracker = make_tracker(cfg, rank=0)
+    tracker.start(cfg)
+    tracker.end()
+    assert MlflowClient(store).get_run(tracker.run_id).info.run_name == "my-run"
+
+
+def test_run_start_logs_the_runs_list_url(tmp_path, store, caplog):
+    from vitscale.tracking import experiment_url
+
+    caplog.set_level(logging.INFO, logger="vitscale.tracking")
+    cfg = _cfg(tmp_path, store)
+    tracker = make_tracker(cfg, rank=0)
+    tracker.start(cfg)
+    tracker.end()
+    exp_id = MlflowClient(store).get_run(tracker.run_id).info.experiment_id
+    url = f"http://127.0.0.1:5000/#/experiments/{exp_id}?workflowType=machine_learning"
+    assert url in caplog.text and f"--backend-store-uri {store}" in caplog.text
+    # a server: its own address, credentials never printed
+    assert experiment_url("https://bot:secret@mlflow.internal:8443/", "7") == \
+        "https://mlflow.internal:8443/#/experiments/7?workflowType=machine_learning"
+
+
+def test_fine_tuned_version_links_to_its_source_version_and_run(tmp_path, store):
+    from safetensors.torch import save_file
+
+    def export(root: Path) -> Path:
+        root.mkdir(parents=True)
+        save_file({"w": __import__("torch").zeros(2)}, root / "model.safetensors")
+        (root / "model_config.json").write_text("{}")
+        return root
+
+    cfg = {**_cfg(tmp_path, store), "output_dir": str(tmp_path / "pre")}
+    pre = make_tracker(cfg, rank=0)
+    pre.start(cfg)
+    source = pre.register(export(tmp_path / "pre_export"), "vit-pre", step=1)
+    pre.end()
+    assert source is not None and source.stored_aliases == () and "@latest resolves to it" in source.describe()
+
+    cfg = {**_cfg(tmp_path, store), "output_dir": str(tmp_path / "ft"), "finetune": {"source": "models:/vit-pre@latest"}}
+    ft = make_tracker(cfg, rank=0)
+    ft.start(cfg)  # no tags from a trainer: the tracker resolves @latest itself
+    version = ft.register(export(tmp_path / "ft_export"), "vit-ft", step=2)
+    ft.end()
+    client = MlflowClient(store)
+    mv = client.get_model_version("vit-ft", version.version)
+    assert mv.run_id == ft.run_id  # MLflow's own link: the version's source run
+    assert {"finetune.source_uri": "models:/vit-pre@latest", "finetune.source_model": "vit-pre",
+            "finetune.source_version": source.version, "finetune.source_run_id": pre.run_id}.items() <= mv.tags.items()
+    exp_id = client.get_run(pre.run_id).info.experiment_id
+    links = (f"(#/models/vit-pre/versions/{source.version})", f"(#/experiments/{exp_id}/runs/{pre.run_id})")
+    assert all(link in mv.description for link in links)
+    note = client.get_run(ft.run_id).data.tags["mlflow.note.content"]  # the run page's Description
+    assert all(link in note for link in links)
