@@ -5,6 +5,7 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -261,3 +262,28 @@ def test_a_group_of_one_needs_no_rendezvous_port(monkeypatch: pytest.MonkeyPatch
     finally:
         teardown(info)
         torch.set_num_threads(before)
+
+
+def test_finetune_takes_the_architecture_from_its_source(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """finetune_384 composes ViT-B/16; a ViT of another size as the source is what gets fine-tuned."""
+    from vitscale.engine.build import load_model
+
+    source = create_model("vit_ti16", img_size=16, patch_size=4, in_chans=1, num_classes=3, embed_dim=32,
+                          depth=1, num_heads=2)
+    ckpt.export(source.state_dict(), tmp_path / "src", model_config=dict(source.config))
+
+    def cfg(**model: Any) -> Any:
+        return OmegaConf.create({
+            "model": {"name": "vit_b16", "img_size": 32, "in_chans": 1, "patch_size": 16, "embed_dim": 768,
+                      "depth": 12, "num_heads": 12, "dropout": 0.1, **model},
+            "data": {"num_classes": 5}, "tracking": {"uri": None},
+            "finetune": {"source": str(tmp_path / "src"), "num_classes": 5, "head_zero_init": True}})
+
+    with caplog.at_level("INFO"):
+        model, _ = load_model(cfg())
+    c = model.config
+    assert (c["embed_dim"], c["depth"], c["num_heads"], c["patch_size"]) == (32, 1, 2, 4)
+    assert (c["img_size"], c["dropout"], c["num_classes"]) == (32, 0.1, 5)  # the fine-tune's own choices
+    assert "architecture from the source" in caplog.text and "model.embed_dim=768" in caplog.text
+    with pytest.raises(ValueError, match=r"takes 1-channel images but model.in_chans=3"):
+        load_model(cfg(in_chans=3))

@@ -28,6 +28,34 @@ def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
+# What a fine-tune takes from its source: the architecture and numerics its weights were trained
+# with (the source's head, classes and pre-logits layer, are rebuilt to load, then replaced). What it
+# takes from its own config: resolution, regularisation and the position-embedding resize.
+SOURCE_ARCHITECTURE = ("name", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qk_norm", "pool",
+                       "stem_layers", "mlp_act", "stem_norm", "representation_size", "num_classes")
+
+
+def _finetune_kwargs(kwargs: dict[str, Any], source_config: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """The fine-tune's create_model arguments: the source's architecture, the config's resolution."""
+    if int(source_config.get("in_chans", 3)) != int(kwargs.get("in_chans", 3)):
+        raise ValueError(f"finetune.source={source} takes {source_config.get('in_chans', 3)}-channel images but "
+                         f"model.in_chans={kwargs.get('in_chans')}: set model.in_chans to match the source")
+    ignored = [f"{k}={kwargs[k]!r}" for k in SOURCE_ARCHITECTURE
+               if k in kwargs and k in source_config and k not in ("num_classes", "representation_size")
+               and _norm(kwargs[k]) != _norm(source_config[k])]
+    if ignored:
+        log.info("fine-tune: architecture from the source %s (%s, width %s, depth %s); the config's model.%s "
+                 "does not apply", source, source_config.get("name"), source_config.get("embed_dim"),
+                 source_config.get("depth"), ", model.".join(ignored))
+    out = dict(kwargs)
+    out.update({k: source_config[k] for k in SOURCE_ARCHITECTURE if k in source_config})
+    return out
+
+
+def _norm(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
 def build_model(cfg: DictConfig) -> nn.Module:
     """``create_model`` from ``cfg.model``; with ``finetune.source`` the source weights are loaded
     (position embeddings resampled to the new grid by the model) and the head is replaced."""
@@ -55,14 +83,8 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, str]]:
     resolved = resolve_weights(str(source), tracking_uri=tracking.get("uri"),
                                registry_uri=tracking.get("registry_uri"))
     state_dict, source_config = load_export(resolved.path)
-    # The source's head (classes, pre-logits layer) must be rebuilt to load its weights; the new
-    # head replaces it right after. Everything else must match the source architecture.
     num_classes = kwargs["num_classes"]
-    kwargs.update(num_classes=source_config["num_classes"],
-                  representation_size=source_config.get("representation_size"))
-    # The source's numerics (an official JAX checkpoint computes tanh-GELU, the JAX stem norm) travel
-    # with its weights; the position-embedding resize to the new grid is the fine-tune's choice.
-    kwargs.update({k: source_config[k] for k in ("mlp_act", "stem_norm") if k in source_config})
+    kwargs = _finetune_kwargs(kwargs, source_config, source=str(source))
     kwargs["posemb_resize"] = str(cfg.finetune.get("posemb_resize") or "timm")
     model = create_model(**kwargs)
     model.load_state_dict(state_dict)
