@@ -82,6 +82,27 @@ def timm_step(batch: int) -> Callable[[], None]:
     return step
 
 
+MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::_scaled_dot_product", "aten::linear",
+              "aten::matmul", "aten::baddbmm", "mkldnn")
+
+
+def profile_split(step: Callable[[], None], steps: int = 3) -> tuple[float, list[tuple[str, float]]]:
+    """Share of CPU self-time spent in matrix multiplies, and the top ops: what compile cannot fuse away.
+
+    Inductor on CPU fuses element-wise work (GELU, LayerNorm, softmax, adds) but calls the same GEMM
+    kernels (oneDNN / MKL), so 1 / (matmul share) bounds what compiling can gain (Amdahl)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(t for _, t in rows) or 1.0
+    matmul = sum(t for k, t in rows if k.startswith(MATMUL_OPS))
+    top = sorted(rows, key=lambda r: -r[1])[:8]
+    return matmul / total, [(k, t / total) for k, t in top]
+
+
 def step_times(step: Callable[[], None], steps: int) -> list[float]:
     times = []
     for _ in range(steps):
@@ -100,6 +121,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compile", default=None, choices=("blocks", "model"),
                         help="also time vitscale with trainer.compile=MODE (inductor)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print each variant's matmul share of CPU time (the bound on compile's gain)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -126,6 +149,12 @@ def main() -> None:
     if args.compile:
         print(f"ratio vitscale compiled / timm eager (best steps): {best['compiled'] / best['timm']:.3f} "
               f"(goal >= 1.2)")
+    if args.profile:
+        for name, step in steps.items():
+            share, top = profile_split(step)
+            print(f"profile {name}: matrix multiplies {100 * share:.0f} % of CPU self-time -> compiling can gain "
+                  f"at most {1 / max(share, 1e-9):.2f}x; top ops: "
+                  + ", ".join(f"{k} {100 * v:.0f}%" for k, v in top[:6]))
     torch.distributed.destroy_process_group()
 
 
