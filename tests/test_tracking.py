@@ -382,7 +382,8 @@ def test_fine_tuned_version_links_to_its_source_version_and_run(tmp_path, store)
     pre.end()
     assert source is not None and source.stored_aliases == () and "@latest resolves to it" in source.describe()
 
-    cfg = {**_cfg(tmp_path, store), "output_dir": str(tmp_path / "ft"), "finetune": {"source": "models:/vit-pre@latest"}}
+    cfg = {**_cfg(tmp_path, store), "output_dir": str(tmp_path / "ft"),
+           "finetune": {"source": "models:/vit-pre@latest"}}
     ft = make_tracker(cfg, rank=0)
     ft.start(cfg)  # no tags from a trainer: the tracker resolves @latest itself
     version = ft.register(export(tmp_path / "ft_export"), "vit-ft", step=2)

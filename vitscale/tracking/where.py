@@ -43,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     command = ui_command(uri, args.host, args.port)
     if command:
         lines.append(f"Start the UI: {command}")
-    lines.append(f"Runs of experiment {args.experiment!r}: {experiment_url(uri, exp.experiment_id, args.host, args.port)}")
+    url = experiment_url(uri, exp.experiment_id, args.host, args.port)
+    lines.append(f"Runs of experiment {args.experiment!r}: {url}")
     print("\n".join(lines))
     return lines
 
