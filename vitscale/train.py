@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> None:
     try:
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         Trainer(cfg, run_params=predicted_plan(cfg)).fit()
-    except (ConfigError, ShardListError, TrainingDiverged) as err:  # the user's to fix: one line, exit 2
+    except (ConfigError, ShardListError, TrainingDiverged, LookupError) as err:  # the user's to fix: one line, exit 2
         log.error("%s", err)
         sys.exit(2)
     except (CheckpointError, TrackingUnreachable, TrackingAuthError) as err:  # the environment's: one line, exit 1
