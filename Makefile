@@ -10,7 +10,7 @@ export DS_ACCELERATOR ?= cpu
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup fmnist demo test test-multinode bench clean
+.PHONY: setup fmnist demo docs-check test test-multinode bench clean
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ fmnist:
 
 demo: setup fmnist
 	bash scripts/demo.sh
+
+# The README's after-demo commands, in order, on the demo's outputs (run `make demo` first).
+docs-check: setup
+	bash scripts/docs_check.sh
 
 test: setup
 	@[ "$$(id -u)" != 0 ] || $(MAKE) --no-print-directory fmnist
