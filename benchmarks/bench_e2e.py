@@ -17,6 +17,10 @@ machine; the load average is printed beside every round. Throughput is the media
 timed here); data wait is vitscale's data_wait_s share of its step time over the same windows.
 Goals: vitscale / plain >= 0.9, data wait < 2 %.
 
+Last, the input work is timed in CPU ms per image on one thread (robust under load, unlike wall
+time): vitscale's loader-worker stream vs the plain loop's shift/flip. On 2 cores every worker
+millisecond is taken from the ranks, so this line bounds the ratio whatever the thread split.
+
 A shared machine hurts the baseline most: its 2-thread OpenMP team spin-waits at every barrier for a
 thread that a neighbour's process has preempted (measured here at load 7 on 2 cores: 2 threads gave
 ~40 img/s, 1 thread ~300). Compare figures taken at a low load average only.
@@ -174,6 +178,34 @@ def vitscale_round(pattern: str, work: Path, r: int, steps: int, batch: int, npr
     return records, threads
 
 
+def input_cpu_ms(pattern: str, plain: PlainLoop, batch: int, batches: int = 40) -> tuple[float, float]:
+    """CPU ms per image of the input work on one thread (robust on a shared machine, unlike wall
+    time): vitscale's loader-worker stream (read, decode, crop, flip, batch) vs the plain loop's
+    in-memory shift/flip."""
+    from omegaconf import OmegaConf
+
+    from vitscale.data import build_train_loader
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(REPO / "configs/data/fashion_mnist.yaml"))
+        cfg.update(train_shards=pattern, num_workers=0)
+        loader = build_train_loader(cfg, batch_size=batch, rank=0, world_size=1, seed=0, img_size=IMG, in_chans=1)
+        stream = iter(loader.worker_dataset())
+        next(stream)
+        t0 = time.process_time()
+        for _ in range(batches):
+            next(stream)
+        stream_ms = 1000 * (time.process_time() - t0) / (batches * batch)
+        t0 = time.process_time()
+        for _ in range(batches):
+            shift_flip(plain.x[:batch], plain.gen)
+        return stream_ms, 1000 * (time.process_time() - t0) / (batches * batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def load() -> str:
     return "load avg %.2f %.2f %.2f" % os.getloadavg()
 
@@ -231,6 +263,10 @@ def main() -> None:
         print(f"vitscale thread split (logged)           : {line}")
     print(f"ratio vitscale / plain (medians)         : {vit_med / plain_med:.3f} (goal >= 0.9)")
     print(f"vitscale data wait share of step time    : {100 * wait_s / max(step_s, 1e-9):.2f} % (goal < 2 %)")
+    stream_ms, plain_ms = input_cpu_ms(pattern, plain, args.batch // args.nproc)
+    print(f"input CPU per image, 1 thread            : vitscale loader worker {stream_ms:.3f} ms, plain shift/flip "
+          f"{plain_ms:.3f} ms; at the plain loop's median rate the workers need "
+          f"{stream_ms * plain_med / 1000:.2f} of the {os.cpu_count()} cores")
     print(f"end: {load()}")
 
 
