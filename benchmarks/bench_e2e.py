@@ -8,7 +8,7 @@ vitscale (a child process tree): `deepspeed --num_gpus 2 vitscale/train.py` on t
 image size, global batch (2 ranks x 64) and precision, ZeRO-2, reading the WebDataset shards written
 by `data_tools.shard` through the framework's stream (decode, crop, flip in loader workers). The
 bench sets no OMP_NUM_THREADS for it: how cores are split between ranks and workers is the
-framework's decision (vitscale.engine.threads), whose "CPU threads: ..." line is printed when the
+framework's decision (vitscale.cpu_threads), whose "CPU threads: ..." line is printed when the
 run logs it.
 
 Rounds alternate (plain, vitscale, plain, ...) so that both see the same neighbours on a shared

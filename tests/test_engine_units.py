@@ -200,7 +200,7 @@ def test_progress_line_has_what_a_console_reader_needs() -> None:
 
 
 def test_cpu_thread_plan_gives_workers_cores_only_when_ranks_keep_two_threads() -> None:
-    from vitscale.engine.threads import plan_cpu_threads
+    from vitscale.cpu_threads import plan_cpu_threads
 
     # The 2-core demo: 2 ranks x 1 thread, their 2 workers time-slice (reserving would leave 0).
     plan = plan_cpu_threads(2, 1, cores=2, env={})
@@ -218,7 +218,7 @@ def test_cpu_thread_plan_gives_workers_cores_only_when_ranks_keep_two_threads() 
 
 def test_loader_call_sets_rank_threads_logs_once_and_caps_workers(monkeypatch: pytest.MonkeyPatch,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
-    from vitscale.engine import threads
+    from vitscale import cpu_threads as threads
 
     before = torch.get_num_threads()
     try:
@@ -227,7 +227,7 @@ def test_loader_call_sets_rank_threads_logs_once_and_caps_workers(monkeypatch: p
         monkeypatch.setenv("LOCAL_SIZE", "2")
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         monkeypatch.setattr(threads, "_logged", set())
-        with caplog.at_level("INFO", logger="vitscale.engine.threads"):
+        with caplog.at_level("INFO", logger="vitscale.cpu_threads"):
             init = threads.cpu_loader_worker_init(1, torch.device("cpu"))
             assert threads.cpu_loader_worker_init(1, torch.device("cpu")) is init
         assert torch.get_num_threads() == 3

@@ -205,7 +205,7 @@ def test_finetune_source_runs_uri_and_local_export_resolve(store: Store, pretrai
     comes from tracking.uri alone, as for a job pointed at a server by config."""
     from vitscale.engine.build import load_model
     from vitscale.engine.checkpoint import load_export
-    from vitscale.tracking.registry import source_lineage
+    from vitscale.tracking.lineage import source_lineage
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("VITSCALE_CACHE", str(store.root / "cache"))

@@ -61,6 +61,8 @@ class TrainerConfig:
     """none | blocks | model: torch.compile per transformer block or of the whole forward."""
     compile_backend: str = "inductor"
     """torch.compile backend (aot_eager traces without code generation)."""
+    compile_eager_rng: bool = False
+    """Inductor's random ops (dropout) draw from eager's RNG: compiled runs see the eager masks."""
     peak_flops: float | None = None
     """Per-device peak FLOP/s for MFU; null: vitscale.hardware's GPU table or a CPU matmul probe."""
 

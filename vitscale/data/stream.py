@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitscale.data.checks import check_train_shards
+from vitscale.cpu_threads import cpu_loader_worker_init
 from vitscale.data.config import DataConfig, parse_data_config
 from vitscale.data.samples import SampleFields
 from vitscale.data.shards import ShardReadError, iter_raw_samples
@@ -164,6 +165,7 @@ class TrainLoader:
         # shifting the training process's dropout stream on every resume.
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                             prefetch_factor=2 if workers else None, persistent_workers=False,
+                            worker_init_fn=cpu_loader_worker_init(workers),
                             generator=torch.Generator().manual_seed(self.seed))
         for item in loader:
             worker = item.pop("_worker")

@@ -39,15 +39,22 @@ def check_compile(mode: str, backend: str) -> None:
                          f"{', '.join(sorted(torch._dynamo.list_backends(exclude_tags=())))}")
 
 
-def apply_compile(model: nn.Module, mode: str, backend: str = "inductor") -> None:
+def apply_compile(model: nn.Module, mode: str, backend: str = "inductor", eager_rng: bool = False) -> None:
     """Compile ``model`` in place according to ``mode`` (``check_compile`` has accepted it).
 
     ``backend`` is torch.compile's: ``inductor`` generates kernels (Triton on CUDA, C++ on CPU);
     ``aot_eager`` traces the same graphs without code generation (the tests use it to check what
-    composes in seconds rather than minutes).
+    composes in seconds rather than minutes). ``eager_rng``: random ops (dropout) draw from eager's
+    RNG, so a compiled run sees the eager run's masks.
     """
     if mode == "none":
         return
+    if eager_rng:
+        # Inductor otherwise generates dropout masks with its own Philox streams: a valid, reproducible
+        # training, but not the eager run's masks. This keeps compiled == eager (tests, A/B runs).
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fallback_random = True
     if mode == "blocks":
         for block in model.blocks:  # type: ignore[union-attr]
             block.compile(backend=backend)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from vitscale.engine.threads import apply_rank_threads, local_world_size, plan_cpu_threads
+from vitscale.cpu_threads import apply_rank_threads, local_world_size, plan_cpu_threads
 
 log = logging.getLogger(__name__)
 _LOCAL_RANK_ARG = re.compile(r"^--local[_-]rank(=(\d+))?$")
@@ -96,7 +96,7 @@ def split_cpu_threads(local_world_size: int, loader_workers: int = 0) -> int | N
     torch starts one intra-op thread per core in every process; two ranks on two cores then run
     four compute threads plus their data workers, and time-slice (the demo's pre-training ran ~10 %
     slower that way). torchrun exports OMP_NUM_THREADS=1 for this reason; the deepspeed launcher
-    does only with --bind_cores_to_rank. The rule, and why, is vitscale.engine.threads'
+    does only with --bind_cores_to_rank. The rule, and why, is vitscale.cpu_threads'
     (``plan_cpu_threads``); the loader settles it again once its worker count is known.
     Returns the thread count set, or None when left alone.
     """
@@ -124,8 +124,10 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
         if not cuda and "lo" in {name for _, name in socket.if_nameindex()}:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
     if launcher != "external":
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts a group that exists
+        # Adopts a group that exists; without MASTER_* (a group of one) it would look for MPI first.
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=launcher != "single")
     else:
         backend = dist.get_backend()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -135,7 +137,7 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        # Ranks' share now; the loader (vitscale.engine.threads.cpu_loader_worker_init) settles it
+        # Ranks' share now; the loader (vitscale.cpu_threads.cpu_loader_worker_init) settles it
         # with its worker count and logs the "CPU threads: ..." line.
         threads = split_cpu_threads(local_world_size())
         if threads is not None:

@@ -100,7 +100,7 @@ class Trainer:
         compile_mode, backend = str(tc.get("compile") or "none"), str(tc.get("compile_backend") or "inductor")
         check_compile(compile_mode, backend)
         apply_policy(model, str(ac.policy), int(ac.every), self.ds_config)
-        apply_compile(model, compile_mode, backend)
+        apply_compile(model, compile_mode, backend, eager_rng=bool(tc.get("compile_eager_rng", False)))
         from vitscale.models import flops_per_image
 
         self.flops_per_image = 2.0 * flops_per_image(model)  # MACs -> FLOPs
