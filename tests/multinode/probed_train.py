@@ -21,8 +21,8 @@ def _attach_probe() -> None:
 
     original_init = Trainer.__init__
 
-    def init_with_probe(self: Trainer, cfg: Any, callbacks: Iterable[Any] = ()) -> None:
-        original_init(self, cfg, callbacks=[*callbacks, RankProbe(self)])
+    def init_with_probe(self: Trainer, cfg: Any, callbacks: Iterable[Any] = (), **kwargs: Any) -> None:
+        original_init(self, cfg, callbacks=[*callbacks, RankProbe(self)], **kwargs)
 
     Trainer.__init__ = init_with_probe  # type: ignore[method-assign]
 
