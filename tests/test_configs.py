@@ -84,7 +84,9 @@ def test_global_batch_must_divide() -> None:
 
 
 def test_precision_auto_is_fp32_on_cpu() -> None:
-    assert resolve_precision("auto", CPU) == "fp32"
+    from vitscale.engine.deepspeed_config import cpu_has_native_bf16
+
+    assert resolve_precision("auto", CPU) == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert resolve_precision("bf16", CPU) == "bf16"
     with pytest.raises(ValueError, match="trainer.precision='fp8'"):
         resolve_precision("fp8", CPU)

@@ -7,7 +7,9 @@ current world size. A mismatch is a configuration error, reported before DeepSpe
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitscale.engine.schedule import scheduler_config
 
+log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -43,17 +46,32 @@ def batch_plan(global_batch: int, micro_batch: int, world_size: int) -> BatchPla
     return BatchPlan(global_batch, micro_batch, global_batch // per_step, world_size)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16). Without it, oneDNN emulates
+    bf16 matmuls: measured on an AMD EPYC without either, 10.5 ms vs 0.70 ms fp32 for a 256x96 @ 96x384
+    matmul on one thread (15x slower), while on a Xeon with AMX the demo ran ~1.5x faster in bf16."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """``auto`` means bf16 on CUDA devices that support it and fp32 elsewhere (CPU stays exact)."""
+    """``auto`` means bf16 on CUDA devices that support it and on CPUs that multiply bf16 in hardware,
+    fp32 elsewhere. An explicit bf16 on a CPU that only emulates it is kept, with a warning."""
     if requested not in PRECISIONS:
         raise ValueError(f"trainer.precision={requested!r}: expected one of {', '.join(PRECISIONS)}")
     if requested != "auto":
         if requested == "fp16" and device.type != "cuda":
             raise ValueError("trainer.precision=fp16 needs CUDA (use bf16 or fp32 on CPU)")
+        if requested == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+            log.warning("trainer.precision=bf16 on a CPU without AMX / AVX512-BF16: bf16 matmuls are emulated "
+                        "(~15x slower than fp32 measured); trainer.precision=auto picks fp32 here")
         return requested
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def offloads_optimizer(cfg: DictConfig) -> bool:
