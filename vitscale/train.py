@@ -17,7 +17,10 @@ if __package__ in (None, ""):  # `python vitscale/train.py`: make the package im
 import hydra
 from omegaconf import DictConfig
 
-from vitscale.engine.distributed import strip_local_rank
+from vitscale.console import setup_console
+
+setup_console()  # before anything imports DeepSpeed (it warns at import); again below once Hydra set up logging
+from vitscale.engine.distributed import strip_local_rank  # noqa: E402
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 log = logging.getLogger("vitscale.train")
@@ -25,6 +28,7 @@ log = logging.getLogger("vitscale.train")
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    setup_console(deepspeed=True)  # Hydra's handlers exist now: ranks other than 0 to WARNING, noise hidden
     from vitscale.config import ConfigError, validate
     from vitscale.data import ShardListError
     from vitscale.engine import Trainer, TrainingDiverged
