@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", action="store_true", help="also top-1/top-5 of the model's own head")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="top-k progress line every SECONDS of wall time (0: every batch)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prefix", default="eval/", help="name prefix of the top-k metrics (e.g. test_ -> test_top1)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -79,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     results: dict[str, float] = {}
     if args.topk:
-        top = evaluate_topk(lambda x: model(x.to(device)), loader(args.val_shards), device="cpu")
+        top = evaluate_topk(lambda x: model(x.to(device)), loader(args.val_shards), device="cpu",
+                            progress_every_s=args.progress_every)
         results |= {f"{args.prefix}{k}": v for k, v in top.items()}
     if args.shots:
         num_classes = args.num_classes or manifest_num_classes(args.train_shards) or None
@@ -110,11 +113,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 def cli(argv: Sequence[str] | None = None) -> dict[str, float]:
     """``main`` with the errors a user fixes (missing model / run / store / file, bad shards) as one line."""
+    from vitscale.console import setup_console
     from vitscale.data import BadShardsError, ShardListError
     from vitscale.data.shards import ShardReadError
     from vitscale.tracking import one_line_errors
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_console()
     with one_line_errors(PROG, (BadShardsError, ShardListError, ShardReadError, ValueError)):
         results = main(argv)
     return results
