@@ -14,8 +14,13 @@ state dict, saved as safetensors with ``model_config.json`` so ``create_model(**
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import random
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +51,8 @@ __all__ = [
     "describe_write_error", "export", "latest", "load", "load_export", "newest_intact", "prune", "resolve",
     "rng_state", "safe_load", "save", "set_rng_state", "tag_for", "tags", "verify", "weights_only_loads",
 ]
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 30.0
 
 
 # ---------------------------------------------------------------------------- RNG state
@@ -73,15 +80,67 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------- export
-def consolidated_state_dict(ref: CheckpointRef, *, zero_stage: int, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(ref: CheckpointRef, *, zero_stage: int, module: torch.nn.Module,
+                            progress_every_s: float = PROGRESS_EVERY_S) -> dict[str, torch.Tensor]:
     """One fp32 state dict: DeepSpeed's zero_to_fp32 for ZeRO 1-3 (weights-only unpickling); stage 0
-    holds full weights already."""
-    if zero_stage == 0:
-        return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    holds full weights already.
 
-    with weights_only_loads():
-        return get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
+    Logs a line at start (tag, stage, rank files) and at end (parameters, bytes, seconds), and DeepSpeed's
+    own per-file / per-tensor progress every ``progress_every_s`` seconds (0: every item) in place of its
+    tqdm bars; its ``print`` chatter goes to DEBUG (``VITSCALE_VERBOSE=1`` leaves both as DeepSpeed prints them).
+    """
+    start = time.monotonic()
+    if zero_stage == 0:
+        log.info("export: %s from the engine's full weights (ZeRO-0, nothing to consolidate)", ref.tag)
+        state = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+    else:
+        from deepspeed.utils import zero_to_fp32
+
+        from vitscale.console import verbose
+
+        files = sorted(ref.path.glob("*optim_states.pt"))
+        log.info("export: consolidating %s from %s (ZeRO-%d, %d rank files) with DeepSpeed's zero_to_fp32",
+                 ref.tag, ref.root, zero_stage, len(files))
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(weights_only_loads())
+            chatter = io.StringIO()
+            if not verbose():
+                stack.enter_context(_progress_instead_of_tqdm(zero_to_fp32, progress_every_s))
+                stack.enter_context(contextlib.redirect_stdout(chatter))
+            state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
+        for line in chatter.getvalue().splitlines():
+            log.debug("zero_to_fp32: %s", line)
+    numel = sum(v.numel() for v in state.values())
+    nbytes = sum(v.numel() * v.element_size() for v in state.values())
+    log.info("export: %s parameters in %d tensors (%.1f MB fp32) consolidated in %.1f s",
+             f"{numel:,}", len(state), nbytes / 1e6, time.monotonic() - start)
+    return state
+
+
+@contextlib.contextmanager
+def _progress_instead_of_tqdm(module: Any, every_s: float) -> Iterator[None]:
+    """zero_to_fp32 wraps its loops (rank files loaded, ZeRO-3 tensors gathered) in ``tqdm``: a log line
+    every ``every_s`` seconds instead of a progress bar on every console."""
+    def progress(iterable: Iterable[Any], desc: str = "", *args: Any, **kwargs: Any) -> Iterator[Any]:
+        total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
+        start = last = time.monotonic()
+        what = (desc or "items").lower()
+        for i, item in enumerate(iterable, 1):
+            yield item
+            now = time.monotonic()
+            if now - last >= every_s:
+                last = now
+                log.info("export: %s %d/%s (%.0f s)", what, i, total if total is not None else "?", now - start)
+
+    if not hasattr(module, "tqdm"):
+        yield
+        return
+    original = module.tqdm
+    module.tqdm = progress
+    try:
+        yield
+    finally:
+        module.tqdm = original
 
 
 def export(state_dict: dict[str, torch.Tensor], out_dir: Path, *, model_config: dict[str, Any],
@@ -89,13 +148,17 @@ def export(state_dict: dict[str, torch.Tensor], out_dir: Path, *, model_config: 
     """Write ``model.safetensors`` + ``model_config.json`` (+ ``train_config.yaml``) into out_dir."""
     from safetensors.torch import save_file
 
+    start = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     # safetensors refuses tensors that share storage (zero_to_fp32 may hand out views): own each one.
     tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in state_dict.items()}
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    weights = out_dir / "model.safetensors"
+    save_file(tensors, str(weights), metadata={"format": "pt"})
     (out_dir / "model_config.json").write_text(json.dumps(_jsonable(model_config), indent=2, sort_keys=True))
     if train_config_yaml is not None:
         (out_dir / "train_config.yaml").write_text(train_config_yaml)
+    log.info("export: wrote %s (%s parameters, %.1f MB) in %.1f s", weights,
+             f"{sum(t.numel() for t in tensors.values()):,}", weights.stat().st_size / 1e6, time.monotonic() - start)
     return out_dir
 
 
