@@ -113,6 +113,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train rank: the process group exists already (DeepSpeed joins it)."""
     import ray.train
 
+    from vitscale.console import setup_console
     from vitscale.engine import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -122,6 +123,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         os.chdir(loop_config["launch_cwd"])
     cfg = OmegaConf.create(loop_config["cfg"])
     context = ray.train.get_context()
+    setup_console(context.get_world_rank(), deepspeed=True)  # vitscale/console.py: ranks > 0 WARNING+, noise hidden
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as restored:
         resumed_from = checkpoint_step(Path(restored)) if restored else None
