@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import socket
+import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +109,52 @@ def split_cpu_threads(local_world_size: int, loader_workers: int = 0) -> int | N
     return plan.torch_threads
 
 
+_ROUND_KEY = "vitscale/round"
+
+
+def elastic_round_store(rank: int, world_size: int, timeout: datetime.timedelta,
+                        poll_s: float = 0.05, reread_s: float = 1.0) -> tuple[dist.Store, int]:
+    """The agent's store under a prefix of this launch round's own, and the round's number.
+
+    Under torchrun the workers' env:// store is the elastic agent's TCPStore
+    (TORCHELASTIC_USE_AGENT_STORE=True), which outlives a restart, and torch hands it to the workers
+    without a per-attempt prefix. A restarted round then finds the dead round's keys: the gloo (or
+    NCCL) addresses of the default group and of every ``new_group`` are published under the same
+    names in each round, and a rank that looks a peer up before that peer has written it again
+    connects to the dead process (``Gloo connectFullMesh failed ... Connection refused``).
+    TORCHELASTIC_RESTART_COUNT cannot name the round: each agent counts its own restarts and a
+    restart for a membership change is not counted, so two nodes can disagree.
+
+    Rank 0 takes a new number from a counter in the store (one per rank-0 process, never reused) and
+    publishes it; every other rank answers under that number with a random nonce and uses it once
+    rank 0 has acknowledged that nonce. A number a dead round published is never acknowledged (its
+    rank 0 is gone), so a rank that read it reads again. Everything the process groups write then
+    lives under ``vitscale/round/<n>/``, fresh in every round.
+    """
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
+    deadline = time.monotonic() + timeout.total_seconds()
+    if rank == 0:
+        number = store.add(f"{_ROUND_KEY}/counter", 1)
+        store.set(f"{_ROUND_KEY}/current", str(number))
+        for peer in range(1, world_size):  # blocks (store timeout) until the peer has said hello
+            nonce = store.get(f"{_ROUND_KEY}/{number}/hello/{peer}").decode()
+            store.set(f"{_ROUND_KEY}/{number}/ack/{nonce}", b"1")
+    else:
+        nonce = uuid.uuid4().hex
+        while True:
+            number = int(store.get(f"{_ROUND_KEY}/current"))  # blocks until a rank 0 has published one
+            store.set(f"{_ROUND_KEY}/{number}/hello/{rank}", nonce)
+            reread = time.monotonic() + reread_s
+            while time.monotonic() < reread and not store.check([f"{_ROUND_KEY}/{number}/ack/{nonce}"]):
+                time.sleep(poll_s)
+            if store.check([f"{_ROUND_KEY}/{number}/ack/{nonce}"]):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {rank}: no rank 0 acknowledged this launch round within {timeout}")
+    return dist.PrefixStore(f"{_ROUND_KEY}/{number}/", store), number
+
+
 def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Join (or create) the process group and pick this rank's device; NCCL on CUDA, gloo on CPU."""
     import deepspeed
@@ -124,6 +172,15 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
         if not cuda and "lo" in {name for _, name in socket.if_nameindex()}:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    elif launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # The agent's store survives a restart with the dead round's keys in it: see elastic_round_store.
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store, number = elastic_round_store(rank, world, timeout)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        log.log(logging.INFO if restart != "0" and rank == 0 else logging.DEBUG,
+                "torchrun restart %s: process groups under the store prefix %s/%d/ of this round", restart,
+                _ROUND_KEY, number)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
     if launcher != "external":
         # Adopts a group that exists; without MASTER_* (a group of one) it would look for MPI first.
