@@ -52,24 +52,31 @@ SMOKE = ["model.img_size=32", "model.patch_size=8", "model.depth=1", "model.embe
          "trainer.precision=fp32", "trainer.peak_flops=1e11"]  # --smoke: the code path on CPU, tiny
 
 
-def build_trainer(model: str, micro: int, *, compile_mode: str, ac: str, extra: list[str]) -> Any:
-    """A Trainer set up exactly as train.py would (one rank, ZeRO-2, bf16), without data."""
+def make_trainer(model: str, micro: int, *, compile_mode: str, ac: str, extra: list[str]) -> Any:
+    """A Trainer built exactly as train.py builds it (one rank, ZeRO-2, bf16), fed synthetic batches."""
     from hydra import compose, initialize_config_dir
 
-    from vitscale.engine.distributed import init_distributed
-    from vitscale.engine.trainer import Trainer
+    from vitscale.config import resolve_model
+    from vitscale.start import build_trainer
 
     overrides = [f"model={model}", "data=imagenet", "data.num_classes=1000", "deepspeed=zero2",
                  f"trainer.global_batch_size={micro}", f"trainer.micro_batch_size={micro}",
                  "trainer.precision=bf16", f"trainer.compile={compile_mode}",
                  f"trainer.activation_checkpointing.policy={ac}", "tracking.enabled=false",
-                 "output_dir=/tmp/vitscale-bench-gpu", *extra]
+                 "output_dir=/tmp/vitscale-bench-gpu", "data.train_shards=synthetic", "data.val_shards=null",
+                 "resume=null", *extra]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    trainer = Trainer(cfg)
-    trainer.dist = init_distributed()
-    trainer.setup()
-    return trainer
+    size = resolve_model(cfg).img_hw
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    images = torch.randn(micro, 3, *size, device=device)
+    labels = torch.randint(0, 1000, (micro,), device=device)
+
+    def batches():
+        while True:
+            yield {"image": images, "label": labels}
+
+    return build_trainer(cfg, batches=batches())
 
 
 def measure_step(model: str, micro: int, steps: int, *, compile_mode: str, ac: str,
@@ -82,18 +89,9 @@ def measure_step(model: str, micro: int, steps: int, *, compile_mode: str, ac: s
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer = build_trainer(model, micro, compile_mode=compile_mode, ac=ac, extra=list(extra))
-    device = trainer.dist.device
+    trainer = make_trainer(model, micro, compile_mode=compile_mode, ac=ac, extra=list(extra))
     try:
-        size = int(trainer.cfg.model.img_size)
-        images = torch.randn(micro, 3, size, size, device=device)
-        labels = torch.randint(0, 1000, (micro,), device=device)
-
-        def batches():
-            while True:
-                yield {"image": images, "label": labels}
-
-        stream, timer, stats = batches(), StepTimer(), WindowStats(trainer.dist.device)
+        stream, timer, stats = trainer.batches, StepTimer(), WindowStats(trainer.dist.device)
         trainer.engine.train()
         for _ in range(3):  # warm-up: compile, allocator, DeepSpeed's first-step buffers
             train_step(trainer, stream, timer, stats)
@@ -105,7 +103,7 @@ def measure_step(model: str, micro: int, steps: int, *, compile_mode: str, ac: s
         seconds = time.perf_counter() - start
         rate = micro * steps / seconds
         return {"images_per_s": rate, "mfu": 3 * trainer.flops_per_image * rate / trainer.peak if trainer.peak else None,
-                "peak_mem_gb": peak_memory_bytes(device) / 1e9, "loss": loss, "step_s": seconds / steps}
+                "peak_mem_gb": peak_memory_bytes(trainer.dist.device) / 1e9, "loss": loss, "step_s": seconds / steps}
     finally:
         getattr(trainer.engine, "destroy", lambda: None)()
         del trainer

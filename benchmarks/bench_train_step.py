@@ -33,10 +33,9 @@ def vitscale_step(batch: int, zero: int, compile_mode: str = "none") -> Callable
     """One Trainer step (vitscale.engine.loop.train_step) on a DeepSpeed engine of one rank."""
     from hydra import compose, initialize_config_dir
 
-    from vitscale.engine.distributed import init_distributed
     from vitscale.engine.loop import WindowStats, train_step
     from vitscale.engine.metrics import StepTimer
-    from vitscale.engine.trainer import Trainer
+    from vitscale.start import build_trainer
 
     overrides = [f"model.{k}={v}" for k, v in ARCH.items() if k != "num_classes"]
     overrides += [
@@ -44,12 +43,10 @@ def vitscale_step(batch: int, zero: int, compile_mode: str = "none") -> Callable
         f"trainer.global_batch_size={batch}", f"trainer.micro_batch_size={batch}", "trainer.precision=fp32",
         "optim=adam_pretrain", "optim.lr=1e-4", "optim.schedule.name=constant", "tracking.enabled=false",
         "trainer.peak_flops=1", "output_dir=/tmp/vitscale-bench", f"trainer.compile={compile_mode}",
+        "data.train_shards=synthetic", "data.val_shards=null", "resume=null",
     ]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    trainer = Trainer(cfg)
-    trainer.dist = init_distributed()
-    trainer.setup()
     images = torch.randn(batch, ARCH["in_chans"], ARCH["img_size"], ARCH["img_size"])
     labels = torch.randint(0, ARCH["num_classes"], (batch,))
 
@@ -57,9 +54,10 @@ def vitscale_step(batch: int, zero: int, compile_mode: str = "none") -> Callable
         while True:
             yield {"image": images, "label": labels}
 
-    stream, timer, stats = batches(), StepTimer(), WindowStats(trainer.dist.device)
+    trainer = build_trainer(cfg, batches=batches())  # the Trainer the loop runs, fed synthetic batches
+    timer, stats = StepTimer(), WindowStats(trainer.dist.device)
     trainer.engine.train()
-    return lambda: train_step(trainer, stream, timer, stats)
+    return lambda: train_step(trainer, trainer.batches, timer, stats)
 
 
 def timm_step(batch: int) -> Callable[[], None]:

@@ -46,14 +46,14 @@ def export_checkpoint(checkpoint_root: Path, trial_cfg: DictConfig, out_dir: Pat
     import torch
 
     from vitscale.engine import checkpoint as ckpt
-    from vitscale.engine.build import build_model
+    from vitscale.start import model_for
 
     ref = ckpt.resolve(str(checkpoint_root), out_dir)  # verified against its checksum manifest
     if ref is None:  # resolve() returns None only for resume=None/auto
         raise FileNotFoundError(f"{checkpoint_root}: not a checkpoint")
     stage = int(OmegaConf.select(trial_cfg, "deepspeed.zero_optimization.stage", default=0) or 0)
     with torch.device("cpu"):
-        model = build_model(trial_cfg)
+        model, _ = model_for(trial_cfg)
     if stage == 0:
         model.load_state_dict(_module_weights(ref.path))
     state = ckpt.consolidated_state_dict(ref, zero_stage=stage, module=model)

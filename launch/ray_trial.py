@@ -24,6 +24,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from launch.search_space import apply_params
+from vitscale.engine.checkpoint.layout import LATEST, latest_tag, step_of
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "VITSCALE_SWEEP_FAULT"
@@ -101,12 +102,9 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
 
 
 def checkpoint_step(checkpoint_root: Path) -> int | None:
-    """Step of the checkpoint a `latest` file names (our tags are step_00000123)."""
-    marker = checkpoint_root / "latest"
-    if not marker.is_file():
-        return None
-    match = re.search(r"(\d+)$", marker.read_text().strip())
-    return int(match.group(1)) if match else None
+    """Step of the checkpoint a `latest` file names (the layout is vitscale.engine.checkpoint's)."""
+    tag = latest_tag(checkpoint_root)
+    return step_of(tag) if tag else None
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -114,7 +112,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from vitscale.console import setup_console
-    from vitscale.engine import Trainer
+    from vitscale.start import build_trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # Ray starts workers in its session directory; relative paths in the config (shards, the sqlite
@@ -134,7 +132,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         fault = FaultInjector.from_env(context.get_world_rank())
         if fault is not None:
             callbacks.append(fault)
-        Trainer(cfg, callbacks=callbacks).fit()
+        build_trainer(cfg, rank=context.get_world_rank(), callbacks=callbacks).fit()
         reporter.flush()
 
 
@@ -224,7 +222,7 @@ class RayReporter:
         shutil.rmtree(self.staging, ignore_errors=True)
         target = self.staging / ckpt_dir.name
         shutil.copytree(ckpt_dir, target, copy_function=_link_or_copy)
-        (self.staging / "latest").write_text(ckpt_dir.name)
+        (self.staging / LATEST).write_text(ckpt_dir.name)
         return self.staging
 
 

@@ -219,6 +219,8 @@ def validate_against(cfg: DictConfig, spec: SweepSpec) -> None:
         if key.split(".")[0] in ("sweep", "hydra"):
             raise _fail(where, "cannot sweep the sweep/hydra settings themselves; name a training key")
         current = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
+        if current is None and key.startswith("model."):  # null: the registry's value for model.name
+            current = _registry_value(cfg, key.partition(".")[2], current)
         if current is _MISSING:
             parent, _, leaf = key.rpartition(".")
             siblings = OmegaConf.select(cfg, parent, default=None) if parent else cfg
@@ -241,6 +243,16 @@ def validate_against(cfg: DictConfig, spec: SweepSpec) -> None:
             raise _fail("scheduler.max_t", f"{spec.scheduler.max_t} steps exceeds trainer.max_steps={max_steps}")
     if spec.scheduler.grace_period > resolved_max_t(cfg, spec):
         raise _fail("scheduler.grace_period", f"{spec.scheduler.grace_period} exceeds max_t={resolved_max_t(cfg, spec)}")
+
+
+def _registry_value(cfg: DictConfig, field: str, default: Any) -> Any:
+    """A model field the YAML leaves to the registry (vitscale.config.resolve_model), as the trial sees it."""
+    from vitscale.config import ConfigError, resolve_model
+
+    try:
+        return getattr(resolve_model(cfg), field, default)
+    except ConfigError:
+        return default
 
 
 def check_reporting(cfg: DictConfig, spec: SweepSpec) -> None:

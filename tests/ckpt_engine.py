@@ -1,6 +1,6 @@
 """A real DeepSpeed engine in the test process (a process group of one, gloo) for checkpoint tests.
 
-Built by vitscale's own Trainer.setup() from the demo experiment shrunk to a 1-block, width-32 ViT at
+Built by vitscale's own Trainer (vitscale.start.build_trainer, no shard stream) from the demo experiment shrunk to a 1-block, width-32 ViT at
 14 px, so checkpoints are DeepSpeed's real files (ZeRO partitions, LossScaler, ...) yet take
 milliseconds to write. The environment variables a process group of one sets (RANK, MASTER_PORT,
 ...) are restored when the fixture ends, and the group is destroyed, so later tests see neither.
@@ -34,15 +34,12 @@ def engine_in_process(output_dir: Path, stage: int = 2) -> Iterator[Any]:
     """A Trainer whose ``engine`` has taken one optimizer step (so optimizer states exist)."""
     import torch.distributed as dist
 
-    from vitscale.engine.distributed import init_distributed
-    from vitscale.engine.trainer import Trainer
+    from vitscale.start import build_trainer
 
     saved = dict(os.environ)
     threads = torch.get_num_threads()
-    trainer = Trainer(tiny_cfg(output_dir, stage))
-    try:
-        trainer.dist = init_distributed()
-        trainer.setup()
+    try:  # no shard stream: the test steps the engine itself
+        trainer = build_trainer(tiny_cfg(output_dir, stage, "resume=null"), batches=())
         step(trainer)
         yield trainer
     finally:

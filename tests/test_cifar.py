@@ -258,21 +258,19 @@ def _compose(*overrides: str):
 
 def test_cifar10_vit_composes_to_the_documented_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """ViT-Ti/4 on 32 px RGB: an 8 x 8 grid, 5.36M parameters, 365M MACs (the figures in the YAML)."""
-    from omegaconf import OmegaConf
-
-    from vitscale.models import create_model, model_config
-    from vitscale.models.flops import flops_per_image
+    from vitscale.config import resolve_model
+    from vitscale.models import create_model
+    from vitscale.models.flops import macs_per_image
 
     monkeypatch.setenv("CIFAR10_TRAIN_SHARDS", "/s/cifar10-train-{000000..000049}.tar")
     cfg = _compose("+experiment=cifar10_vit")
     assert cfg.data.train_shards == "/s/cifar10-train-{000000..000049}.tar" and cfg.data.val_shards is None
-    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    name = kwargs.pop("name")
-    model = create_model(name, num_classes=cfg.data.num_classes, **kwargs)
-    assert (cfg.model.img_size, cfg.model.patch_size, cfg.model.in_chans, cfg.data.num_classes) == (32, 4, 3, 10)
-    assert model_config(name, **kwargs).grid_size == (8, 8)
+    mcfg = resolve_model(cfg, num_classes=cfg.data.num_classes)
+    model = create_model(**mcfg.to_dict())
+    assert (mcfg.img_size, mcfg.patch_size, mcfg.in_chans, mcfg.num_classes) == (32, 4, 3, 10)
+    assert mcfg.grid_size == (8, 8)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 5.36
-    assert round(flops_per_image(model) / 1e6) == 365
+    assert round(macs_per_image(model) / 1e6) == 365
     assert cfg.trainer.max_steps * cfg.trainer.global_batch_size / 50_000 == pytest.approx(200, abs=0.5)
     assert (cfg.data.augment.mixup, cfg.data.augment.label_smoothing, cfg.optim.schedule.name) == \
         (0.8, 0.1, "warmup_cosine")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
+from vitscale.config import validate
 from vitscale.engine.deepspeed_config import batch_plan, build, resolve_precision
 from vitscale.engine.distributed import strip_local_rank
 from vitscale.models import model_config
@@ -18,9 +18,11 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 CPU = torch.device("cpu")
 
 
-def _compose(*overrides: str):
+def _compose(*overrides: str, shards: bool = True):
+    """The composed config; with ``shards`` a shard list, so vitscale.config.validate accepts it."""
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        return compose("train", overrides=(["data.train_shards='/x/train-{000000..000009}.tar'"] if shards else [])
+                       + list(overrides))
 
 
 def test_all_experiments_listed() -> None:
@@ -32,14 +34,10 @@ def test_all_experiments_listed() -> None:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_into_a_valid_model_and_deepspeed_config(experiment: str) -> None:
     cfg = _compose(f"+experiment={experiment}", "finetune.source=/nowhere")
-    OmegaConf.resolve(cfg)
-    kwargs = OmegaConf.to_container(cfg.model)
-    name = kwargs.pop("name")
-    if kwargs.get("stem_layers"):
-        kwargs["stem_layers"] = tuple(kwargs["stem_layers"])
-    model_config(name, **kwargs)  # raises on unknown keys or inconsistent sizes
+    job = validate(cfg)  # the model resolved from the registry: raises on unknown keys or inconsistent sizes
+    assert job.model == model_config(job.model.name, **{k: v for k, v in job.model.to_dict().items() if k != "name"})
     world = 8 if cfg.trainer.global_batch_size >= 1024 else 2
-    ds = build(cfg, world, precision="fp32", device=CPU)
+    ds = build(job, world, precision="fp32", device=CPU)
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
     assert ds["gradient_clipping"] == 1.0
     assert ds["scheduler"]["params"]["total_num_steps"] == cfg.trainer.max_steps
@@ -49,8 +47,10 @@ def test_paper_pretraining_recipe() -> None:
     """Table 3 / sec 4.1 values, so a config edit cannot silently change the reproduction."""
     cfg = _compose("+experiment=vit_h14_jft")
     assert (cfg.optim.name, list(cfg.optim.betas), cfg.optim.weight_decay) == ("adamw", [0.9, 0.999], 0.1)
-    assert cfg.optim.lr == 3e-4 and cfg.trainer.global_batch_size == 4096 and cfg.model.img_size == 224
-    sched = build(cfg, 64, precision="bf16", device=CPU)["scheduler"]
+    job = validate(cfg)
+    assert cfg.optim.lr == 3e-4 and cfg.trainer.global_batch_size == 4096 and job.model.img_size == 224
+    assert (job.model.embed_dim, job.model.depth, job.model.patch_size) == (1280, 32, 14)  # from the registry
+    sched = build(job, 64, precision="bf16", device=CPU)["scheduler"]
     assert sched["type"] == "WarmupDecayLR"
     assert sched["params"]["warmup_num_steps"] == 10_000 and sched["params"]["warmup_type"] == "linear"
     assert cfg.deepspeed.zero_optimization.stage == 3
@@ -61,15 +61,16 @@ def test_paper_pretraining_recipe() -> None:
 def test_finetune_recipe() -> None:
     cfg = _compose("+experiment=finetune_384", "finetune.source=/x")
     assert (cfg.optim.name, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.9, 0.0)
-    assert cfg.trainer.global_batch_size == 512 and cfg.model.img_size == 384
-    assert build(cfg, 16, precision="bf16", device=CPU)["scheduler"]["type"] == "WarmupCosineLR"
+    job = validate(cfg)
+    assert cfg.trainer.global_batch_size == 512 and job.model.img_size == 384
+    assert build(job, 16, precision="bf16", device=CPU)["scheduler"]["type"] == "WarmupCosineLR"
 
 
 @pytest.mark.parametrize("choice,stage", [("zero0", 0), ("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
 def test_deepspeed_group_choices(choice: str, stage: int) -> None:
     cfg = _compose(f"deepspeed={choice}", "trainer.global_batch_size=64", "trainer.micro_batch_size=8",
                    "+deepspeed.extra.wall_clock_breakdown=true")
-    ds = build(cfg, 4, precision="bf16", device=CPU)
+    ds = build(validate(cfg), 4, precision="bf16", device=CPU)
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["gradient_accumulation_steps"] == 2 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["wall_clock_breakdown"] is True  # deepspeed.extra merges last
@@ -93,13 +94,13 @@ def test_precision_auto_is_fp32_on_cpu() -> None:
 
 
 def test_unset_jft_paths_give_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vitscale.config import ConfigError, validate
+    from vitscale.config import ConfigError
 
     monkeypatch.delenv("JFT_TRAIN_SHARDS", raising=False)
     with pytest.raises(ConfigError, match="data.train_shards is not set"):
-        validate(_compose("+experiment=vit_b16_jft"))
+        validate(_compose("+experiment=vit_b16_jft", shards=False))
     monkeypatch.setenv("JFT_TRAIN_SHARDS", "/data/jft-{000000..000009}.tar")
-    cfg = _compose("+experiment=vit_b16_jft")
+    cfg = _compose("+experiment=vit_b16_jft", shards=False)
     validate(cfg)
     assert cfg.data.train_shards == "/data/jft-{000000..000009}.tar"
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from vitscale.config import ScheduleConfig
 from vitscale.engine import checkpoint as ckpt
 from vitscale.engine.activation import POLICIES, apply_policy
 from vitscale.engine.build import build_loss
@@ -53,7 +54,7 @@ def test_schedules_follow_the_paper_shapes() -> None:
     from deepspeed.runtime.lr_schedules import WarmupCosineLR, WarmupDecayLR
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
-    block = scheduler_config(OmegaConf.create({"name": "warmup_linear_decay", "warmup_steps": 10}), 0.5, 110)
+    block = scheduler_config(ScheduleConfig(name="warmup_linear_decay", warmup_steps=10), 0.5, 110)
     sched = WarmupDecayLR(opt, **block["params"])
     lrs = []
     for _ in range(111):
@@ -62,13 +63,13 @@ def test_schedules_follow_the_paper_shapes() -> None:
     # lrs[t] is the LR at scheduler iteration t (DeepSpeed starts at iteration 0 with LR 0).
     assert lrs[5] == pytest.approx(0.25) and lrs[10] == pytest.approx(0.5)  # half-way, then the top
     assert lrs[60] == pytest.approx(0.25) and lrs[110] == pytest.approx(0.0)
-    block = scheduler_config(OmegaConf.create({"name": "warmup_cosine", "warmup_steps": 10, "min_lr_ratio": 0.0}), 0.5, 110)
+    block = scheduler_config(ScheduleConfig(name="warmup_cosine", warmup_steps=10, min_lr_ratio=0.0), 0.5, 110)
     opt.param_groups[0]["lr"] = 0.5
     cos = WarmupCosineLR(opt, **block["params"])
     for _ in range(60):
         cos.step()
     assert cos.get_last_lr()[0] == pytest.approx(0.25, abs=0.01)  # half-way through the cosine
-    assert scheduler_config(OmegaConf.create({"name": "constant", "warmup_steps": 0}), 0.5, 10) is None
+    assert scheduler_config(ScheduleConfig(name="constant", warmup_steps=0), 0.5, 10) is None
 
 
 def test_losses_accept_hard_and_soft_labels() -> None:
@@ -149,7 +150,7 @@ def test_split_cpu_threads_shares_cores_between_local_ranks(monkeypatch: pytest.
 @pytest.mark.parametrize("mode", ["timm", "jax"])
 def test_finetune_posemb_resize_is_the_configured_one(tmp_path: Path, mode: str) -> None:
     """finetune.posemb_resize reaches the model's load-time resample; the source's numerics travel."""
-    from vitscale.engine.build import load_model
+    from vitscale.start import model_for
     from vitscale.models.posembed import resample_pos_embed
 
     source = create_model("vit_ti16", img_size=16, patch_size=4, in_chans=1, num_classes=3, embed_dim=32,
@@ -164,7 +165,7 @@ def test_finetune_posemb_resize_is_the_configured_one(tmp_path: Path, mode: str)
                      "posemb_resize": mode},
         "tracking": {"uri": None},
     })
-    model, _ = load_model(cfg)
+    model, _ = model_for(cfg)
     assert model.config["posemb_resize"] == mode and model.config["mlp_act"] == "gelu_tanh"
     expected = resample_pos_embed(source.pos_embed.detach(), (6, 6), num_prefix_tokens=1, mode=mode)
     torch.testing.assert_close(model.pos_embed.detach(), expected)
@@ -266,7 +267,7 @@ def test_a_group_of_one_needs_no_rendezvous_port(monkeypatch: pytest.MonkeyPatch
 
 def test_finetune_takes_the_architecture_from_its_source(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """finetune_384 composes ViT-B/16; a ViT of another size as the source is what gets fine-tuned."""
-    from vitscale.engine.build import load_model
+    from vitscale.start import model_for
 
     source = create_model("vit_ti16", img_size=16, patch_size=4, in_chans=1, num_classes=3, embed_dim=32,
                           depth=1, num_heads=2)
@@ -280,10 +281,41 @@ def test_finetune_takes_the_architecture_from_its_source(tmp_path: Path, caplog:
             "finetune": {"source": str(tmp_path / "src"), "num_classes": 5, "head_zero_init": True}})
 
     with caplog.at_level("INFO"):
-        model, _ = load_model(cfg())
+        model, _ = model_for(cfg())
     c = model.config
     assert (c["embed_dim"], c["depth"], c["num_heads"], c["patch_size"]) == (32, 1, 2, 4)
     assert (c["img_size"], c["dropout"], c["num_classes"]) == (32, 0.1, 5)  # the fine-tune's own choices
     assert "architecture from the source" in caplog.text and "model.embed_dim=768" in caplog.text
     with pytest.raises(ValueError, match=r"takes 1-channel images but model.in_chans=3"):
-        load_model(cfg(in_chans=3))
+        model_for(cfg(in_chans=3))
+
+
+def test_a_trainer_is_built_whole_or_not_at_all(tmp_path: Path) -> None:
+    """Everything is built in __init__ (no half-built Trainer with `assert x is not None`): a failure
+    there tears down the process group it created, and a built Trainer has every attribute fit() uses."""
+    import os
+
+    import torch.distributed as dist
+
+    from ckpt_engine import tiny_cfg  # tests/ is on sys.path
+    from vitscale.start import build_trainer
+
+    saved, threads = dict(os.environ), torch.get_num_threads()
+    try:
+        with pytest.raises(FileNotFoundError, match=r"resume=.*nowhere does not exist"):
+            build_trainer(tiny_cfg(tmp_path, 2, f"resume={tmp_path / 'nowhere'}"), batches=())
+        assert not dist.is_initialized()
+        os.environ.clear()
+        os.environ.update(saved)  # a group of one exported RANK / WORLD_SIZE: start as a fresh process would
+        trainer = build_trainer(tiny_cfg(tmp_path, 2, "resume=null"), batches=iter([]))
+        try:
+            for name in ("engine", "optimizer", "ds_config", "loss_fn", "metrics_file", "tracker", "batches",
+                         "resume_rng", "sample_images", "warned_unshared", "flops_per_image", "peak"):
+                assert hasattr(trainer, name), name
+            assert trainer.step == 0 and trainer.loader is None and trainer.accumulation == 1
+        finally:
+            dist.destroy_process_group()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        torch.set_num_threads(threads)

@@ -200,10 +200,10 @@ def _compose(overrides: list[str]) -> Any:
 @pytest.mark.slow
 def test_finetune_source_runs_uri_and_local_export_resolve(store: Store, pretrain: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """The other two source forms, through the engine's own load_model (no launch needed: the
+    """The other two source forms, through vitscale.start.model_for, the entry point's resolution (no launch needed: the
     launch path is the one test_finetune_from_registry_at_twice_the_resolution exercises). The store
     comes from tracking.uri alone, as for a job pointed at a server by config."""
-    from vitscale.engine.build import load_model
+    from vitscale.start import model_for
     from vitscale.engine.checkpoint import load_export
     from vitscale.tracking.lineage import source_lineage
 
@@ -216,7 +216,7 @@ def test_finetune_source_runs_uri_and_local_export_resolve(store: Store, pretrai
              {"finetune.source_run_id": pre_id}),
             (str(local), local, {"finetune.source_path": str(local.resolve())})):
         cfg = _compose([*FINETUNE, f"finetune.source={source}", f"tracking.uri={store.client.tracking_uri}"])
-        model, loaded = load_model(cfg)
+        model, loaded = model_for(cfg)
         expected, _ = load_export(weights_from)
         state = model.state_dict()
         assert state["pos_embed"].shape == (1, 1 + 64, 32)  # 56 px / patch 7, resampled from 4 x 4
@@ -275,9 +275,10 @@ def test_checkpoint_upload_only_when_rank_0_sees_every_rank(tmp_path: Path, capl
     ref.path.mkdir(parents=True)
     for r in rank_files:
         (ref.path / f"rank_{r}.pt").write_bytes(b"")
-    trainer = Trainer(_compose([*TINY, f"output_dir={tmp_path}"]))
+    trainer = Trainer.__new__(Trainer)  # only the upload rule is under test: no process group, no engine
     trainer.dist = DistInfo(0, 2, 0, "torchrun", torch.device("cpu"), "gloo", True)
     trainer.tracker = _RecordingTracker()
+    trainer.warned_unshared = False
     for _ in range(2):
         trainer._upload_checkpoint(ref)
     if uploaded:

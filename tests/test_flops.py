@@ -7,7 +7,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitscale.models import create_model, flops_per_image, model_config
+from vitscale.models import create_model, macs_per_image, model_config
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
     ("vit_b16", 224, 17.58), ("vit_l16", 224, 61.6), ("vit_h14", 224, 167.4), ("r50_vit_b16", 384, 67.43),
 ])
 def test_within_3_percent_of_timm_published_gmacs(name: str, img_size: int, timm_gmacs: float) -> None:
-    macs = flops_per_image(model_config(name), img_size)
+    macs = macs_per_image(model_config(name), img_size)
     assert macs / 1e9 == pytest.approx(timm_gmacs, rel=0.03)
 
 
@@ -34,14 +34,14 @@ def test_equals_torch_flop_counter(overrides: dict) -> None:
     x = torch.randn(1, model.cfg.in_chans, *model.cfg.img_hw)
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model(x)
-    assert model.flops_per_image() == counter.get_total_flops() // 2
+    assert model.macs_per_image() == counter.get_total_flops() // 2
 
 
 def test_img_size_argument_and_inputs() -> None:
     model = create_model("vit_tiny_test")
-    assert flops_per_image(model) == flops_per_image(model.config) == model.flops_per_image(32)
-    assert flops_per_image(model, 64) > 4 * flops_per_image(model)  # 4x tokens, attention is quadratic
+    assert macs_per_image(model) == macs_per_image(model.config) == model.macs_per_image(32)
+    assert macs_per_image(model, 64) > 4 * macs_per_image(model)  # 4x tokens, attention is quadratic
     with pytest.raises(ValueError, match="not divisible by patch_size"):
-        flops_per_image(model, 36)
+        macs_per_image(model, 36)
     with pytest.raises(TypeError, match="needs a vitscale model"):
-        flops_per_image(torch.nn.Linear(2, 2))
+        macs_per_image(torch.nn.Linear(2, 2))

@@ -101,6 +101,16 @@ def test_models_know_nothing_of_the_engine_or_the_infrastructure() -> None:
 
 
 def test_engine_imports_no_cli_and_no_mlflow() -> None:
+    """The engine receives local paths and the Tracker it is given: of vitscale.tracking it may import
+    the interface (vitscale.tracking.base, which imports no MLflow) and nothing else; of the entry
+    level (vitscale.start, the CLIs) nothing; and no omegaconf / hydra (it takes a typed JobConfig)."""
     for module, imps in _imports_under("vitscale.engine").items():
-        bad = {i for i in imps if i.split(".")[0] == "mlflow" or i in CLI_MODULES}
+        bad = {i for i in imps if i.split(".")[0] in ("mlflow", "hydra", "omegaconf") or i in CLI_MODULES
+               or i.startswith("vitscale.start")
+               or (i.startswith("vitscale.tracking") and not i.startswith("vitscale.tracking.base"))}
         assert not bad, f"{module} imports {sorted(bad)}"
+
+
+def test_the_tracking_interface_imports_no_mlflow() -> None:
+    imps = imports_of(REPO / "vitscale" / "tracking" / "base.py")
+    assert not {i for i in imps if i.split(".")[0] == "mlflow" or i.startswith("vitscale.tracking.registry")}

@@ -66,7 +66,11 @@ def _trainer(tmp_path: Path, resume: str, saved: dict | None, current: dict) -> 
     tag.mkdir(parents=True)
     if saved is not None:
         (tag / ckpt.CONFIG_FILE).write_text(yaml.safe_dump(saved))
-    trainer = Trainer(OmegaConf.create({**current, "resume": resume, "output_dir": str(tmp_path)}))
+    # Only the comparison is under test: a Trainer shell, without a process group or an engine.
+    trainer = Trainer.__new__(Trainer)
+    trainer.job = SimpleNamespace(resume=resume, record={**current, "resume": resume,  # type: ignore[assignment]
+                                                         "output_dir": str(tmp_path)})
+    trainer.output_dir = tmp_path
     trainer.dist = SimpleNamespace(is_main=True, rank=0, world_size=1)  # type: ignore[assignment]
     return trainer, ckpt.CheckpointRef(tag.parent, tag.name)
 

@@ -14,6 +14,7 @@ from launch.ray_trial import FAULT_ENV, FaultInjector, RayReporter
 from launch.search_space import apply_params, as_overrides, to_param_space
 from launch.spec import ResourceSpec, SweepConfigError, check_reporting, grid_size, parse_sweep, validate_against
 from launch.sweep import compose, main
+from vitscale.config import resolve_model
 
 
 def _demo(*overrides: str):
@@ -31,7 +32,7 @@ def test_demo_config_composes_with_its_base_experiment() -> None:
     spec = parse_sweep(cfg)
     validate_against(cfg, spec)
     check_reporting(cfg, spec)
-    assert cfg.name == "demo_pretrain" and cfg.model.embed_dim == 96  # from +experiment=demo_pretrain
+    assert cfg.name == "demo_pretrain" and resolve_model(cfg).embed_dim == 96  # from +experiment=demo_pretrain
     assert spec.metric == "eval/top1" and spec.mode == "max" and spec.scheduler.type == "asha"
     assert set(spec.search_space) == {"optim.lr", "optim.weight_decay"}
     assert spec.search_space["optim.lr"].kind == "loguniform"
@@ -43,7 +44,7 @@ def test_paper_lr_sweep_composes() -> None:
     spec = parse_sweep(cfg)
     validate_against(cfg, spec)
     check_reporting(cfg, spec)
-    assert cfg.model.embed_dim == 768 and spec.search_space["optim.lr"].kind == "grid"
+    assert resolve_model(cfg).embed_dim == 768 and spec.search_space["optim.lr"].kind == "grid"
 
 
 def test_cli_overrides_reach_training_and_sweep_keys() -> None:

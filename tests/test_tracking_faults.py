@@ -63,15 +63,15 @@ def test_a_server_that_never_answers_times_out(silent_port: int) -> None:
 
 
 def test_fine_tune_model_build_fails_fast(tmp_path: Path) -> None:
-    """The path the Trainer takes: build.load_model resolving finetune.source."""
+    """The path a run takes: vitscale.start resolving finetune.source."""
     from ckpt_engine import tiny_cfg
-    from vitscale.engine.build import load_model
+    from vitscale.start import model_for
 
     server = f"http://127.0.0.1:{_free_port()}"
     cfg = tiny_cfg(tmp_path, 2, "finetune.source=models:/vit-demo@best", f"tracking.uri={server}")
     start = time.monotonic()
     with pytest.raises(TrackingUnreachable) as err:
-        load_model(cfg)
+        model_for(cfg)
     assert time.monotonic() - start < 10
     _assert_one_line(str(err.value), server)
 

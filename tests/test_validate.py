@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from vitscale.config import ConfigError, RunConfig, validate
+from vitscale.config import ConfigError, JobConfig, validate
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = "data.train_shards='/shards/train-{000000..000003}.tar'"
@@ -23,7 +23,7 @@ def _compose(*overrides: str):
 def test_every_experiment_validates_and_is_typed() -> None:
     for exp in sorted((REPO / "configs" / "experiment").glob("*.yaml")):
         run = validate(_compose(f"+experiment={exp.stem}", SHARDS), world_size=1)
-        assert isinstance(run, RunConfig) and isinstance(run.trainer.max_steps, int)
+        assert isinstance(run, JobConfig) and isinstance(run.trainer.max_steps, int) and run.model.embed_dim > 0
         assert isinstance(run.optim.lr, float) and run.trainer.activation_checkpointing.every >= 1
 
 
@@ -62,3 +62,31 @@ def test_train_py_exits_2_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     assert "trainer.global_batch_size=33: not divisible" in out and "Traceback" not in out
+
+
+def test_model_sizes_have_one_home_the_registry() -> None:
+    """configs/model/_base.yaml lists exactly the overridable fields (null = the registry's value); a
+    model file names a variant and sets only what differs from the registry's entry."""
+    import yaml
+
+    from vitscale.models.registry import OVERRIDABLE, model_config
+
+    base = yaml.safe_load((REPO / "configs" / "model" / "_base.yaml").read_text())
+    assert set(base) == {"name"} | set(OVERRIDABLE) - {"num_classes"}
+    assert all(v is None for k, v in base.items() if k != "name")
+    for path in sorted((REPO / "configs" / "model").glob("[!_]*.yaml")):
+        own = yaml.safe_load(path.read_text())
+        assert own["defaults"] == ["_base", "_self_"], path.name
+        registry = model_config(own["name"]).to_dict()
+        repeated = [k for k, v in own.items() if k not in ("defaults", "name") and registry.get(k) == v]
+        assert not repeated, f"{path.name} repeats the registry's {repeated}"
+    job = validate(_compose("+experiment=vit_h14_jft", SHARDS), world_size=1)
+    assert (job.model.embed_dim, job.model.depth, job.model.num_heads, job.model.patch_size) == (1280, 32, 16, 14)
+    assert job.record["model"]["embed_dim"] == 1280  # what checkpoints store and the tracker logs
+
+
+def test_a_model_override_reaches_the_typed_config() -> None:
+    job = validate(_compose("model=vit_b16", "model.img_size=384", "model.drop_path=0.1", SHARDS), world_size=1)
+    assert (job.model.img_size, job.model.drop_path, job.model.embed_dim) == (384, 0.1, 768)
+    with pytest.raises(ConfigError, match=r"^model 'vit_b16': img_size 100 is not divisible by patch_size 16$"):
+        validate(_compose("model=vit_b16", "model.img_size=100", SHARDS))

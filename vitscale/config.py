@@ -1,23 +1,32 @@
 """The training config as typed sections, validated once at the entry point (torchtitan's JobConfig).
 
 The YAML tree under configs/ and every command line stay as they are: Hydra composes the DictConfig,
-``validate(cfg, world_size)`` checks it against these dataclasses (types, unknown keys) and the rules
-that span sections (batch divisibility, intervals, shard lists), and raises ``ConfigError`` whose
-message is one line naming the key, the value found and what was expected. ``vitscale/train.py`` and
-``launch/sweep.py`` call it before any worker starts and exit 2 on it.
+``validate(cfg, world_size)`` checks it and returns a ``JobConfig``; below the entry points
+(vitscale/train.py, launch/, the benchmarks) nothing reads a DictConfig. A mistake is a
+``ConfigError`` whose message is one line naming the key, the value found and what was expected;
+the entry points exit 2 on it.
 
-Sections that already have a schema next to their code are validated by it: ``model`` by
-``vitscale.models.ModelConfig``, ``data`` by ``vitscale.data.config.DataConfig``, ``tracking`` by
-``vitscale.tracking.settings.TrackingSettings``; ``deepspeed.zero_optimization`` and
-``deepspeed.extra`` are passed to DeepSpeed as written.
+Sections with a schema next to their code are parsed by it: ``model`` by the registry
+(``vitscale.models.model_config``: the YAML names a variant and overrides what differs),
+``data`` by ``vitscale.data.config.DataConfig``, ``tracking`` by
+``vitscale.tracking.settings.TrackingSettings``; the rest by the dataclasses below.
+``deepspeed.zero_optimization`` and ``deepspeed.extra`` go to DeepSpeed as written.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from vitscale.plain import plain_dict
+
+if TYPE_CHECKING:
+    from vitscale.data.config import DataConfig
+    from vitscale.models import ModelConfig
+    from vitscale.tracking.settings import TrackingSettings
 
 
 class ConfigError(ValueError):
@@ -111,7 +120,7 @@ class FinetuneConfig:
 
 @dataclass
 class RunConfig:
-    """The engine-facing sections; model/data/tracking/deepspeed are checked by their own schemas."""
+    """The sections without a schema of their own (OmegaConf checks types and keys against it)."""
 
     name: str = "run"
     seed: int = 0
@@ -121,6 +130,53 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+@dataclass(frozen=True)
+class DeepSpeedSection:
+    zero_optimization: dict[str, Any]
+    """Passed to DeepSpeed as written (configs/deepspeed/zero*.yaml)."""
+    extra: dict[str, Any]
+    """Deep-merged over the DeepSpeed config the engine builds: DeepSpeed's own keys, unchecked here."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """The whole run, typed, built once by ``validate``; everything below the entry point takes it."""
+
+    name: str
+    seed: int
+    output_dir: Path
+    resume: str | None
+    """As the user wrote it (auto | a path | runs:/ID | None): messages and the resume=auto rule use it."""
+    trainer: TrainerConfig
+    optim: OptimConfig
+    eval: EvalConfig | None
+    """None: the config has no eval section (no evaluation at all)."""
+    finetune: FinetuneConfig
+    model: "ModelConfig"
+    """The registry's sizes for model.name with the YAML's overrides; num_classes from the data, or
+    finetune.num_classes for a fine-tune."""
+    data: "DataConfig"
+    tracking: "TrackingSettings"
+    deepspeed: DeepSpeedSection
+    record: dict[str, Any]
+    """The composed config as plain data, model section resolved: what a checkpoint stores beside its
+    weights (resume=auto compares it), what the tracker logs as params."""
+
+
+@dataclass(frozen=True)
+class Start:
+    """How the run starts, decided at the entry point (vitscale/start.py) before the engine exists:
+    resume (auto, or a local checkpoint a runs:/ URI was resolved to), else the fine-tune source (a
+    local export a models:/ URI was resolved to), else fresh. The engine sees local paths only."""
+
+    resume: str | None = None
+    """auto | a local checkpoint root or tag directory | None."""
+    source: Path | None = None
+    """The local export directory finetune.source resolved to."""
+    lineage: dict[str, str] = field(default_factory=dict)
+    """Tags naming the source model version and run actually loaded (the fine-tune run carries them)."""
 
 
 _CHOICES = {
@@ -135,12 +191,10 @@ _CHOICES = {
 _OWN_SECTIONS = ("name", "seed", "output_dir", "resume", "trainer", "optim", "eval", "finetune")
 
 
-def _typed(cfg: DictConfig) -> RunConfig:
-    """The engine-facing sections as RunConfig; omegaconf's type and key errors become one line."""
+def _typed(container: dict[str, Any]) -> RunConfig:
+    """The sections without their own schema as RunConfig; omegaconf's type and key errors become one line."""
     try:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(resolved, dict)
-        own = {k: resolved[k] for k in _OWN_SECTIONS if k in resolved}
+        own = {k: container[k] for k in _OWN_SECTIONS if k in container and (container[k] is not None or k == "resume")}
         typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), own))
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "config"
@@ -156,9 +210,34 @@ def _get(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def validate(cfg: DictConfig, world_size: int | None = None) -> RunConfig:
-    """Every check that needs no worker, in one place; returns the typed engine-facing sections."""
-    run = _typed(cfg)
+def _resolved(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    try:
+        return plain_dict(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{getattr(exc, 'full_key', None) or 'config'}: {str(exc).splitlines()[0]}") from None
+
+
+def resolve_model(cfg: DictConfig | dict[str, Any], num_classes: int | None = None) -> "ModelConfig":
+    """``model``: the registry's sizes for ``model.name`` (vitscale.models, the one table of sizes),
+    overridden by the keys the YAML or the command line set (null = the registry's value)."""
+    from vitscale.models import model_config
+
+    section = dict(_resolved(cfg).get("model") or {})
+    try:
+        name = section.pop("name")
+        kwargs = {k: tuple(v) if isinstance(v, list) and k == "stem_layers" else v
+                  for k, v in section.items() if v is not None}
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        return model_config(str(name), **kwargs)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(_first_line(exc, "model")) from None
+
+
+def validate(cfg: DictConfig | dict[str, Any], world_size: int | None = None) -> JobConfig:
+    """Every check that needs no worker, in one place; returns the whole run, typed."""
+    container = _resolved(cfg)
+    run = _typed(container)
     for key, allowed in _CHOICES.items():
         value = _get(run, key)
         if value not in allowed:
@@ -180,36 +259,46 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> RunConfig:
             raise ConfigError(
                 f"trainer.global_batch_size={t.global_batch_size}: not divisible by trainer.micro_batch_size "
                 f"({t.micro_batch_size}) x world size ({world_size}) = {per_step}")
-    _check_sections(cfg, run)
-    return run
+    return _job(container, run)
 
 
-def _check_sections(cfg: DictConfig, run: RunConfig) -> None:
-    """model, data and tracking against their own schemas; the rules that span sections."""
-    if "data" not in cfg or OmegaConf.is_missing(cfg.data, "train_shards") or not cfg.data.get("train_shards") \
-            or cfg.data.get("train_shards") == "???":
+def _job(container: dict[str, Any], run: RunConfig) -> JobConfig:
+    """model, data, tracking and deepspeed against their own schemas; the rules that span sections."""
+    data = container.get("data") or {}
+    if not data.get("train_shards") or data.get("train_shards") == "???":
         raise ConfigError("data.train_shards is not set: pass data.train_shards='/path/train-{000000..000099}.tar' "
                           "(or set the environment variable named in configs/data/<dataset>.yaml)")
     try:
         from vitscale.data.config import parse_data_config
 
-        parse_data_config(cfg.data)
-    except (ValueError, TypeError, OmegaConfBaseException) as exc:
+        data_config = parse_data_config(data)
+    except (ValueError, TypeError) as exc:
         raise ConfigError(_first_line(exc, "data")) from None
+    num_classes = run.finetune.num_classes if run.finetune.source else data_config.num_classes
+    model = resolve_model(container, num_classes=int(num_classes))
     try:
-        from vitscale.models import model_config
+        from vitscale.tracking.settings import TrackingSettings
 
-        kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-        assert isinstance(kwargs, dict)
-        name = kwargs.pop("name")
-        model_config(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
-    except (ValueError, TypeError, KeyError, OmegaConfBaseException) as exc:
-        raise ConfigError(_first_line(exc, "model")) from None
-    tracking = cfg.get("tracking") or {}
-    every, ckpt_every = int(tracking.get("register_every") or 0), run.trainer.checkpoint_every
+        tracking = TrackingSettings.from_mapping(container.get("tracking"), resume=run.resume,
+                                                 output_dir=run.output_dir)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(_first_line(exc, "tracking")) from None
+    every, ckpt_every = tracking.register_every or 0, run.trainer.checkpoint_every
     if every > 0 and (ckpt_every <= 0 or every % ckpt_every):
         raise ConfigError(f"tracking.register_every={every}: expected a multiple of trainer.checkpoint_every="
                           f"{ckpt_every} (intermediate versions are exported from checkpoints)")
+    ds = container.get("deepspeed") or {}
+    zero = ds.get("zero_optimization") or {}
+    if not isinstance(zero, dict) or int(zero.get("stage", 0)) not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_optimization={zero!r}: expected a mapping with stage 0, 1, 2 or 3")
+    record = dict(container)
+    record["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in model.to_dict().items()}
+    return JobConfig(
+        name=run.name, seed=run.seed, output_dir=Path(run.output_dir), resume=run.resume, trainer=run.trainer,
+        optim=run.optim, eval=run.eval if container.get("eval") is not None else None, finetune=run.finetune,
+        model=model, data=data_config, tracking=tracking,
+        deepspeed=DeepSpeedSection(zero_optimization=dict(zero), extra=dict(ds.get("extra") or {})),
+        record=record)
 
 
 def _first_line(exc: BaseException, section: str) -> str:

@@ -1,6 +1,7 @@
 """Training entry point: ``deepspeed vitscale/train.py +experiment=vit_h14_jft`` (or torchrun, or python).
 
-Thin on purpose: Hydra composes the config, vitscale.engine.Trainer does the work. The DeepSpeed
+Thin on purpose: Hydra composes the config, vitscale.start validates it and resolves URIs,
+vitscale.engine.Trainer does the work. The DeepSpeed
 launcher appends ``--local_rank=N``, which Hydra would reject, so it is removed before Hydra parses
 (LOCAL_RANK is in the environment anyway).
 """
@@ -29,15 +30,15 @@ log = logging.getLogger("vitscale.train")
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     setup_console(deepspeed=True)  # Hydra's handlers exist now: ranks other than 0 to WARNING, noise hidden
-    from vitscale.config import ConfigError, validate
+    from vitscale.config import ConfigError
     from vitscale.data import ShardListError
-    from vitscale.engine import Trainer, TrainingDiverged
+    from vitscale.engine import TrainingDiverged
     from vitscale.engine.checkpoint import CheckpointError
+    from vitscale.start import build_trainer
     from vitscale.tracking import TrackingAuthError, TrackingUnreachable
 
     try:
-        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        Trainer(cfg, run_params=predicted_plan(cfg)).fit()
+        build_trainer(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), run_params=predicted_plan(cfg)).fit()
     except (ConfigError, ShardListError, TrainingDiverged, LookupError) as err:  # the user's to fix: one line, exit 2
         log.error("%s", err)
         sys.exit(2)

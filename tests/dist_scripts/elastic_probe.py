@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-import vitscale.engine as engine_pkg  # noqa: E402
+import vitscale.start as start_mod  # noqa: E402
 from vitscale.engine import trainer as trainer_mod  # noqa: E402
 
 
@@ -75,7 +75,7 @@ class ProbedTrainer(trainer_mod.Trainer):
         return super().save_checkpoint(metrics)
 
 
-engine_pkg.Trainer = ProbedTrainer  # train.py imports it from vitscale.engine at call time
+start_mod.Trainer = ProbedTrainer  # train.py builds its Trainer through vitscale.start.build_trainer
 
 if __name__ == "__main__":
     from vitscale import train

@@ -46,11 +46,11 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
 
     from vitscale.engine import loop
-    from vitscale.engine.trainer import Trainer
+    from vitscale.start import build_trainer
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=[f"output_dir={out}", *overrides])
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     where: dict[str, Any] = {"phase": "setup", "step": 0}
     original_step = loop.train_step
 

@@ -5,12 +5,13 @@ inside a dataloader worker.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from webdataset.shardlists import expand_urls
 
+from vitscale.plain import plain_dict
 from vitscale.data.samples import DEFAULT_IMAGE_KEY, DEFAULT_LABEL_KEY, parse_image_key, parse_label_key
 
 
@@ -48,16 +49,7 @@ class DataConfig:
 
 def as_dict(cfg: Any) -> dict:
     """Plain dict from an omegaconf DictConfig (resolved) or any mapping."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:
-        pass
-    if not isinstance(cfg, Mapping):
-        raise TypeError(f"data config: expected a mapping, got {type(cfg).__name__}")
-    return dict(cfg)
+    return plain_dict(cfg, "data config")
 
 
 def expand_shards(spec: str | Sequence[str] | None, key: str = "shards") -> list[str]:
@@ -78,6 +70,8 @@ def _pair(value: Any, key: str) -> tuple[float, float]:
 
 
 def parse_data_config(cfg: Any) -> DataConfig:
+    if isinstance(cfg, DataConfig):  # parsed already (vitscale.config.validate)
+        return cfg
     d = as_dict(cfg)
     if "num_classes" not in d:
         raise ValueError("data.num_classes is required")

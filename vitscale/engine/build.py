@@ -1,4 +1,4 @@
-"""What the loop trains: the model (fresh or fine-tuned from an export) and the loss.
+"""What the loop trains: the model (fresh or fine-tuned from a local export) and the loss.
 
 Kept apart from the loop so the Ray sweep, the benchmark and the tests build exactly the model the
 trainer builds.
@@ -6,26 +6,19 @@ trainer builds.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+from vitscale.config import FinetuneConfig
+from vitscale.models import ModelConfig
 
 log = logging.getLogger(__name__)
 LOSSES = ("softmax_xent", "sigmoid_xent")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """``cfg.model`` as create_model keyword arguments, with num_classes from the data (or fine-tune)."""
-    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    assert isinstance(kwargs, dict)
-    if "stem_layers" in kwargs and kwargs["stem_layers"] is not None:
-        kwargs["stem_layers"] = tuple(kwargs["stem_layers"])
-    kwargs["num_classes"] = int(cfg.finetune.num_classes if cfg.finetune.source else cfg.data.num_classes)
-    return kwargs
 
 
 # What a fine-tune takes from its source: the architecture and numerics its weights were trained
@@ -56,44 +49,31 @@ def _norm(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def build_model(cfg: DictConfig) -> nn.Module:
-    """``create_model`` from ``cfg.model``; with ``finetune.source`` the source weights are loaded
-    (position embeddings resampled to the new grid by the model) and the head is replaced."""
-    return load_model(cfg)[0]
-
-
-def load_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, str]]:
-    """`build_model`, plus for a fine-tune the lineage tags of the weights actually loaded.
-
-    The tags come from this one resolution of finetune.source: resolving `models:/NAME@alias` again
-    when the run's tags are written could name another version if the alias moved in between.
-    """
+def build_model(model: ModelConfig, *, source: Path | None = None, finetune: FinetuneConfig | None = None) -> nn.Module:
+    """The model of ``model`` (fresh), or with ``source`` (a local export directory; the entry point
+    resolved any MLflow URI to it) the source's architecture and weights at this config's resolution
+    (position embeddings resampled to the new grid by the model) and a new head of
+    ``model.num_classes`` classes (zero-initialised unless ``finetune.head_zero_init`` is false)."""
     from vitscale.models import create_model
 
-    kwargs = model_kwargs(cfg)
-    source = cfg.finetune.source
-    if not source:
-        return create_model(**kwargs), {}
+    kwargs = model.to_dict()
+    if source is None:
+        return create_model(**kwargs)
     from vitscale.engine.checkpoint import load_export
-    from vitscale.tracking import resolve_weights
 
-    # The store the config names (tracking.uri), not only $MLFLOW_TRACKING_URI: a job pointed at a
-    # server by config must find its registry there too.
-    tracking = cfg.get("tracking") or {}
-    resolved = resolve_weights(str(source), tracking_uri=tracking.get("uri"),
-                               registry_uri=tracking.get("registry_uri"))
-    state_dict, source_config = load_export(resolved.path)
-    num_classes = kwargs["num_classes"]
-    kwargs = _finetune_kwargs(kwargs, source_config, source=str(source))
-    kwargs["posemb_resize"] = str(cfg.finetune.get("posemb_resize") or "timm")
-    model = create_model(**kwargs)
-    model.load_state_dict(state_dict)
-    model.reset_head(num_classes)
-    if not cfg.finetune.head_zero_init:
-        nn.init.trunc_normal_(model.head.weight, std=0.02)
-    log.info("fine-tuning from %s (%s): %d classes -> %d", source, resolved.path,
+    finetune = finetune or FinetuneConfig()
+    state_dict, source_config = load_export(source)
+    num_classes = model.num_classes
+    kwargs = _finetune_kwargs(kwargs, source_config, source=str(finetune.source or source))
+    kwargs["posemb_resize"] = finetune.posemb_resize
+    net = create_model(**kwargs)
+    net.load_state_dict(state_dict)
+    net.reset_head(num_classes)
+    if not finetune.head_zero_init:
+        nn.init.trunc_normal_(net.head.weight, std=0.02)
+    log.info("fine-tuning from %s (%s): %d classes -> %d", finetune.source or source, source,
              source_config["num_classes"], num_classes)
-    return model, resolved.lineage_tags()
+    return net
 
 
 def build_loss(name: str) -> LossFn:

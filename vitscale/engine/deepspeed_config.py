@@ -1,4 +1,4 @@
-"""The DeepSpeed JSON, generated from the Hydra config so there is no second file to keep in sync.
+"""The DeepSpeed JSON, generated from the typed run config so there is no second file to keep in sync.
 
 Batch arithmetic lives here too: the global batch is the user's number (it sets the optimisation),
 the micro-batch is a memory knob, and gradient accumulation is whatever makes them meet on the
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
+from vitscale.config import JobConfig
 from vitscale.engine.schedule import scheduler_config
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,9 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
-def offloads_optimizer(cfg: DictConfig) -> bool:
+def offloads_optimizer(job: JobConfig) -> bool:
     """Whether the ZeRO block moves optimizer states to CPU (then DeepSpeedCPUAdam is the natural pair)."""
-    offload = cfg.deepspeed.zero_optimization.get("offload_optimizer")
+    offload = job.deepspeed.zero_optimization.get("offload_optimizer")
     return bool(offload) and offload.get("device", "none") in ("cpu", "nvme")
 
 
@@ -96,15 +96,14 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build(cfg: DictConfig, world_size: int, *, precision: str, device: torch.device,
+def build(job: JobConfig, world_size: int, *, precision: str, device: torch.device,
           load_universal: bool = False) -> dict[str, Any]:
     """The full DeepSpeed config for this run (``precision`` already resolved, see resolve_precision).
 
     ``load_universal``: the run resumes a checkpoint written by another world size, converted to
     DeepSpeed's universal format; DeepSpeed reads ``checkpoint.load_universal`` at load time only."""
-    plan = batch_plan(int(cfg.trainer.global_batch_size), int(cfg.trainer.micro_batch_size), world_size)
-    zero = OmegaConf.to_container(cfg.deepspeed.zero_optimization, resolve=True)
-    assert isinstance(zero, dict)
+    plan = batch_plan(job.trainer.global_batch_size, job.trainer.micro_batch_size, world_size)
+    zero = copy.deepcopy(job.deepspeed.zero_optimization)
     stage = int(zero.get("stage", 0))
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed.zero_optimization.stage={stage}: expected 0, 1, 2 or 3")
@@ -112,7 +111,7 @@ def build(cfg: DictConfig, world_size: int, *, precision: str, device: torch.dev
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.accumulation,
-        "gradient_clipping": float(cfg.optim.grad_clip or 0.0),
+        "gradient_clipping": float(job.optim.grad_clip or 0.0),
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
@@ -126,10 +125,9 @@ def build(cfg: DictConfig, world_size: int, *, precision: str, device: torch.dev
     }
     if loop_clips_gradients(stage, precision):
         ds["gradient_clipping"] = 0.0
-    sched = scheduler_config(cfg.optim.schedule, float(cfg.optim.lr), int(cfg.trainer.max_steps))
+    sched = scheduler_config(job.optim.schedule, job.optim.lr, job.trainer.max_steps)
     if sched is not None:
         ds["scheduler"] = sched
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
-    extra = cfg.deepspeed.get("extra") or {}
-    return _deep_merge(ds, OmegaConf.to_container(extra, resolve=True) if isinstance(extra, DictConfig) else dict(extra))
+    return _deep_merge(ds, job.deepspeed.extra)

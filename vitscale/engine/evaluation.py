@@ -18,19 +18,17 @@ log = logging.getLogger(__name__)
 
 
 def run_eval(trainer: "Trainer") -> dict[str, Any]:
-    """Evaluate on ``data.val_shards`` (nothing when unset); logs ``eval/top1`` ... on rank 0."""
-    cfg, info = trainer.cfg, trainer.dist
-    assert info is not None
-    urls = cfg.data.get("val_shards")
-    if not urls:
+    """Evaluate on ``data.val_shards`` (nothing when unset); logged through ``trainer.log_record``."""
+    job, info = trainer.job, trainer.dist
+    if not job.data.val_shards or job.eval is None:
         return {}
     from vitscale.data import build_eval_loader
     from vitscale.eval.topk import evaluate_topk
 
     loader = build_eval_loader(
-        urls, batch_size=int(cfg.eval.batch_size), rank=info.rank, world_size=info.world_size,
-        img_size=cfg.model.img_size, in_chans=int(cfg.model.in_chans),
-        num_workers=int(cfg.data.num_workers), cfg_data=cfg.data)
+        job.data.val_shards, batch_size=job.eval.batch_size, rank=info.rank, world_size=info.world_size,
+        img_size=job.model.img_size, in_chans=job.model.in_chans, num_workers=job.data.num_workers,
+        cfg_data=job.data)
     engine = trainer.engine
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.precision, torch.float32)
 
@@ -39,19 +37,10 @@ def run_eval(trainer: "Trainer") -> dict[str, Any]:
 
     engine.eval()
     with torch.no_grad():
-        result = evaluate_topk(forward, loader, topk=tuple(cfg.eval.topk), device=info.device,
-                               input_shape=(int(cfg.model.in_chans), *_hw(cfg.model.img_size)))
+        result = evaluate_topk(forward, loader, topk=tuple(job.eval.topk), device=info.device,
+                               input_shape=(job.model.in_chans, *job.model.img_hw))
     metrics = {f"eval/{k}": float(v) for k, v in dict(result).items()}
     if info.is_main:
-        trainer.tracker.log_metrics(metrics, trainer.step)
-        trainer.metrics_file.write({"step": trainer.step, **metrics})
         log.info("step %d eval: %s", trainer.step, metrics)
-    trainer.emit("on_eval", metrics, trainer.step)
+    trainer.log_record({"step": trainer.step, **metrics})
     return metrics
-
-
-def _hw(img_size: Any) -> tuple[int, int]:
-    if isinstance(img_size, int):
-        return img_size, img_size
-    h, w = img_size
-    return int(h), int(w)

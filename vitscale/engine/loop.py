@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 import torch.distributed as dist
 
+from vitscale.engine.evaluation import run_eval
 from vitscale.engine.metrics import StepTimer
 
 if TYPE_CHECKING:
@@ -138,14 +139,12 @@ def train_step(trainer: "Trainer", batches: Iterator[dict[str, Any]], timer: Ste
 
 def run_loop(trainer: "Trainer", batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
     """Train to ``trainer.max_steps``, evaluating, logging and checkpointing on the way."""
-    from vitscale.engine.evaluation import run_eval
-
-    cfg, engine = trainer.cfg, trainer.engine
-    tc = cfg.trainer
-    max_steps, log_every = int(tc.max_steps), max(int(tc.log_every), 1)
-    ckpt_every, eval_every = int(tc.checkpoint_every), int(cfg.eval.every)
-    patience = int(tc.nan_patience)
-    register_every = int(cfg.tracking.get("register_every") or 0)  # a multiple of checkpoint_every
+    job, engine = trainer.job, trainer.engine
+    tc = job.trainer
+    max_steps, log_every = tc.max_steps, max(tc.log_every, 1)
+    ckpt_every, eval_every = tc.checkpoint_every, job.eval.every if job.eval is not None else 0
+    patience = tc.nan_patience
+    register_every = job.tracking.register_every  # a multiple of checkpoint_every (validated)
     timer, stats = StepTimer(), WindowStats(trainer.dist.device)
     last: dict[str, Any] = {"step": trainer.step}
     last_ckpt = None
@@ -192,7 +191,7 @@ def run_loop(trainer: "Trainer", batches: Iterator[dict[str, Any]]) -> dict[str,
     if last_ckpt is None or last_ckpt.tag != f"step_{trainer.step:08d}":
         last_ckpt = trainer.save_checkpoint(last)
     out = trainer.export(last_ckpt) if tc.export_at_end else None
-    if cfg.get("eval") is not None:
+    if job.eval is not None:
         last.update(run_eval(trainer))
     if out is not None:
         last["export_dir"] = str(out)

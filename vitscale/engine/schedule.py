@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from vitscale.config import ScheduleConfig
+
 SCHEDULES = ("warmup_linear_decay", "warmup_cosine", "constant")
 
 
-def scheduler_config(schedule: Any, base_lr: float, total_steps: int) -> dict[str, Any] | None:
+def scheduler_config(schedule: ScheduleConfig, base_lr: float, total_steps: int) -> dict[str, Any] | None:
     """DeepSpeed ``scheduler`` block for ``optim.schedule`` (``None``: constant LR, no scheduler).
 
     ``total_steps`` counts optimizer steps (DeepSpeed steps its scheduler once per applied step).
@@ -42,7 +44,7 @@ def scheduler_config(schedule: Any, base_lr: float, total_steps: int) -> dict[st
             "total_num_steps": int(total_steps),
             "warmup_min_ratio": 0.0,
             "warmup_num_steps": warmup,
-            "cos_min_ratio": float(schedule.get("min_lr_ratio", 0.0)),
+            "cos_min_ratio": float(schedule.min_lr_ratio),
             "warmup_type": "linear",
         },
     }

@@ -25,15 +25,14 @@ def load_model(weights: str | Path, device: torch.device | str = "cpu", *, track
     A missing model, alias, version, run or store raises vitscale.tracking.TrackingNotFound (one line
     naming it and the store); the CLIs print that line.
     """
-    from safetensors.torch import load_file
-
+    from vitscale.engine.checkpoint import load_export  # the export format's one reader
     from vitscale.models import create_model
     from vitscale.tracking import resolve_weights
 
     resolved = resolve_weights(weights, tracking_uri=tracking_uri, registry_uri=registry_uri)
-    config = json.loads((resolved.path / "model_config.json").read_text())
+    state_dict, config = load_export(resolved.path)
     model = create_model(**config)
-    model.load_state_dict(load_file(str(resolved.path / "model.safetensors")))
+    model.load_state_dict(state_dict)
     return model.to(device).eval(), config, resolved
 
 

@@ -41,11 +41,11 @@ def resnet_stem_macs(layers: tuple[int, ...], in_chans: int, height: int, width:
     return macs, h, w
 
 
-def flops_per_image(model: Any, img_size: int | tuple[int, int] | None = None) -> int:
+def macs_per_image(model: Any, img_size: int | tuple[int, int] | None = None) -> int:
     """Forward MACs for one image of `img_size` (default: the model's own size).
 
     `model` is a VisionTransformer, its `config` dict, or a `ModelConfig`; nothing is allocated, so
-    `flops_per_image(model_config("vit_h14"), 224)` sizes a model without building it.
+    `macs_per_image(model_config("vit_h14"), 224)` sizes a model without building it.
     """
     cfg = _as_config(model)
     if img_size is not None:
@@ -84,5 +84,5 @@ def _as_config(model: Any) -> ModelConfig:
         return model
     config = getattr(model, "config", model)
     if not isinstance(config, Mapping):
-        raise TypeError(f"flops_per_image needs a vitscale model, its config dict or a ModelConfig, got {type(model)}")
+        raise TypeError(f"macs_per_image needs a vitscale model, its config dict or a ModelConfig, got {type(model)}")
     return ModelConfig(**config)

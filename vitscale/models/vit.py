@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from vitscale.models.embed import build_embed
-from vitscale.models.flops import flops_per_image
+from vitscale.models.flops import macs_per_image
 from vitscale.models.init import lecun_normal_
 from vitscale.models.layers import LAYER_NORM_EPS, Block
 from vitscale.models.posembed import infer_square_grid, resample_pos_embed
@@ -147,9 +147,9 @@ class VisionTransformer(nn.Module):
         self.representation = nn.Identity()
         self.head = self._new_head(num_classes)
 
-    def flops_per_image(self, img_size: int | tuple[int, int] | None = None) -> int:
+    def macs_per_image(self, img_size: int | tuple[int, int] | None = None) -> int:
         """Forward multiply-accumulates for one image (see vitscale.models.flops)."""
-        return flops_per_image(self, img_size)
+        return macs_per_image(self, img_size)
 
     # ---- forward -----------------------------------------------------------------------------
     def _embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -338,13 +338,14 @@ def param_groups_numel(cfg: Any) -> tuple[list[list[int]], int, Any]:
     config, from a model built on the meta device (no memory, exact shapes and order)."""
     import torch
 
-    from vitscale.engine.build import model_kwargs
+    from vitscale.config import resolve_model
     from vitscale.engine.optim import param_groups
     from vitscale.models import create_model
     from vitscale.models.registry import ModelConfig
 
-    kwargs = model_kwargs(cfg)
-    if cfg.finetune.get("source"):
+    source = cfg.finetune.get("source")
+    kwargs = resolve_model(cfg, int(cfg.finetune.num_classes if source else cfg.data.num_classes)).to_dict()
+    if source:
         kwargs["representation_size"] = None  # reset_head drops the pre-logits layer
     with torch.device("meta"):
         model = create_model(**kwargs)

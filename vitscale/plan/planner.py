@@ -160,9 +160,9 @@ def make_plan(cfg: DictConfig) -> dict[str, Any]:
     b = DTYPE_BYTES[precision]
     groups, largest, mcfg = param_groups_numel(cfg)
     psi = sum(sum(g) for g in groups)
-    from vitscale.models.flops import flops_per_image
+    from vitscale.models.flops import macs_per_image
 
-    macs = flops_per_image(mcfg)
+    macs = macs_per_image(mcfg)
     flops_fwd = 2.0 * macs
     global_batch = int(cfg.trainer.global_batch_size)
     per_gpu = global_batch / world

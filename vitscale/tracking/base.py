@@ -8,9 +8,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vitscale.tracking.registry import RegisteredVersion
+if TYPE_CHECKING:  # registry imports MLflow; the engine imports this module and must not
+    from vitscale.tracking.registry import RegisteredVersion
 
 
 class Tracker(abc.ABC):

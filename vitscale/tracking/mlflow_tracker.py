@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
+from vitscale.engine.checkpoint.layout import LATEST
 from vitscale.tracking.base import NullTracker, Tracker
 from vitscale.tracking.provenance import data_fingerprints, flatten_params, git_commit
 from vitscale.tracking.replay import UNSENT_METRICS, replay_command, write_unsent_registrations
@@ -262,7 +263,7 @@ class MlflowTracker(Tracker):
     def log_checkpoint(self, checkpoint_root: str | Path, tag: str) -> None:
         root = Path(checkpoint_root)
         self.log_artifact(root / tag, f"{CHECKPOINT_ARTIFACT_DIR}/{tag}")
-        marker = self.local_dir / "checkpoints" / tag / "latest"  # own copy: the root's `latest` moves on
+        marker = self.local_dir / "checkpoints" / tag / LATEST  # own copy: the root's `latest` moves on
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(tag)
         self.log_artifact(marker, CHECKPOINT_ARTIFACT_DIR)

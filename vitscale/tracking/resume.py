@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
 from vitscale.tracking.cache import cache_root as _cache_root
+from vitscale.engine.checkpoint.layout import LATEST, has_checkpoint, latest_tag
 from vitscale.tracking.cache import download_once as _download_once
 from vitscale.tracking.reach import (
     DEFAULT_TIMEOUT_S, TrackingUnreachable, auth_error, fast_fail_http, server_of, unreachable_reason,
@@ -24,14 +25,13 @@ from vitscale.tracking.uris import LocalURI, RunURI, parse_uri, resolve_tracking
 def _local_checkpoint_root(path: Path) -> Path | None:
     """A folder holding checkpoints: a `latest` file, or tag folders with a checksum manifest."""
     for root in (path, path / CHECKPOINT_ARTIFACT_DIR):
-        if (root / "latest").is_file() or any(root.glob("step_*/manifest.json")):
+        if has_checkpoint(root):
             return root
     return None
 
 
 def _latest_tag(root: Path) -> str:
-    marker = root / "latest"
-    return marker.read_text().strip() if marker.is_file() else ""
+    return latest_tag(root) or ""
 
 
 def resolve_resume(
@@ -78,16 +78,16 @@ def _resume_from_run(parsed: RunURI, dst: Path | None, client: MlflowClient) -> 
             return ResolvedCheckpoint(root, _latest_tag(root), parsed.run_id, {"source": "output_dir"})
     prefix = parsed.path or CHECKPOINT_ARTIFACT_DIR
     names = {Path(f.path).name for f in client.list_artifacts(parsed.run_id, prefix)}
-    if "latest" not in names:
+    if LATEST not in names:
         raise TrackingNotFound(f"run {parsed.run_id} has no DeepSpeed checkpoint: output_dir {output_dir!r} "
                                f"has none here and there is no {prefix}/latest artifact in the store "
                                f"{describe_store(client.tracking_uri)}")
     final = Path(dst) if dst else _cache_root() / "runs" / parsed.run_id / "resume"
-    latest_dir = Path(download_artifacts(run_id=parsed.run_id, artifact_path=f"{prefix}/latest",
+    latest_dir = Path(download_artifacts(run_id=parsed.run_id, artifact_path=f"{prefix}/{LATEST}",
                                          dst_path=str(final.parent / ".latest"), tracking_uri=client.tracking_uri))
     tag = latest_dir.read_text().strip()
     target = final / tag
     _download_once(lambda tmp: download_artifacts(run_id=parsed.run_id, artifact_path=f"{prefix}/{tag}",
                                                   dst_path=str(tmp), tracking_uri=client.tracking_uri), target)
-    (final / "latest").write_text(tag)
+    (final / LATEST).write_text(tag)
     return ResolvedCheckpoint(final, tag, parsed.run_id, {"source": "artifacts"})

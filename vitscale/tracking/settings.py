@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from vitscale.engine.checkpoint.layout import has_checkpoint
+from vitscale.plain import plain_dict
 from vitscale.tracking.uris import DEFAULT_ARTIFACT_DIR, RunURI, parse_uri
 
 RUN_ID_FILE = "run_id"  # output_dir/tracking/run_id: lets `resume=auto` continue the same run
@@ -54,18 +56,12 @@ class TrackingSettings:
         settings = cls(**{k: v for k, v in tracking.items() if v is not None})
         if resume and not settings.run_id:
             if str(resume) == "auto":
-                if output_dir and _has_checkpoint(Path(output_dir) / "checkpoints"):
+                if output_dir and has_checkpoint(Path(output_dir) / "checkpoints"):
                     recorded = Path(output_dir) / "tracking" / RUN_ID_FILE
                     settings.run_id = recorded.read_text().strip() if recorded.is_file() else None
             elif isinstance(parsed := parse_uri(resume), RunURI):
                 settings.run_id = parsed.run_id
         return settings
-
-
-def _has_checkpoint(root: Path) -> bool:
-    """What the engine's resume=auto would resume from: a `latest` file or a tag with a manifest
-    (resume=auto no longer needs `latest`, so neither may the run it continues)."""
-    return (root / "latest").is_file() or any(root.glob("step_*/manifest.json"))
 
 
 def default_run_name(container: Mapping[str, Any], settings: TrackingSettings) -> str:
@@ -80,10 +76,4 @@ def default_run_name(container: Mapping[str, Any], settings: TrackingSettings) -
 
 def to_container(cfg: Any) -> dict[str, Any]:
     """Resolved plain dict from a DictConfig or Mapping."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
-        pass
-    return dict(cfg or {})
+    return plain_dict(cfg)

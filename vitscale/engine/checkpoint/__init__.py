@@ -30,9 +30,8 @@ import torch
 from vitscale.engine.checkpoint.errors import (
     CheckpointError, CorruptCheckpointError, NoSpaceError, UnsafeCheckpointError,
 )
-from vitscale.engine.checkpoint.locate import (
-    TAG_PREFIX, CheckpointRef, latest, newest_intact, resolve, tag_for, tags, verify,
-)
+from vitscale.engine.checkpoint.layout import TAG_PREFIX, step_of, tag_for, tags
+from vitscale.engine.checkpoint.locate import CheckpointRef, latest, newest_intact, resolve, verify
 from vitscale.engine.checkpoint.elastic import (
     UNIVERSAL, derived_seed, needs_universal, universal_info, universal_ref, written_world_size,
 )
@@ -49,7 +48,7 @@ __all__ = [
     "written_world_size", "REPLACED_DIR", "TAG_PREFIX", "CheckpointError", "CheckpointRef",
     "CorruptCheckpointError", "NoSpaceError", "Problem", "UnsafeCheckpointError", "consolidated_state_dict",
     "describe_write_error", "export", "latest", "load", "load_export", "newest_intact", "prune", "resolve",
-    "rng_state", "safe_load", "save", "set_rng_state", "tag_for", "tags", "verify", "weights_only_loads",
+    "rng_state", "safe_load", "save", "set_rng_state", "step_of", "tag_for", "tags", "verify", "weights_only_loads",
 ]
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 30.0

@@ -1,4 +1,4 @@
-"""Which checkpoint to load: ``resume=auto`` / a path / ``runs:/ID`` -> a verified CheckpointRef.
+"""Which checkpoint to load: ``resume=auto`` / a local path -> a verified CheckpointRef.
 
 ``resume=auto`` does not trust the ``latest`` file alone (it can be lost, or name a checkpoint that was
 corrupted afterwards): it walks the tag directories newest first and takes the first one whose
@@ -10,7 +10,7 @@ reads, all ranks hash their share of the files, and every rank reaches the same 
 from __future__ import annotations
 
 import logging
-import re
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -19,16 +19,11 @@ import torch.distributed as dist
 
 from vitscale.engine.checkpoint import manifest
 from vitscale.engine.checkpoint.errors import CheckpointError, CorruptCheckpointError
+from vitscale.engine.checkpoint.layout import LATEST, TAG_PREFIX, latest_tag, tags
 from vitscale.engine.checkpoint.manifest import Problem
 
 log = logging.getLogger("vitscale.engine.checkpoint")
-TAG_PREFIX = "step_"
-TAG_RE = re.compile(r"step_\d{8}")
 T = TypeVar("T")
-
-
-def tag_for(step: int) -> str:
-    return f"{TAG_PREFIX}{step:08d}"
 
 
 @dataclass(frozen=True)
@@ -83,21 +78,13 @@ def _job_world() -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ listing
-def tags(root: Path) -> list[str]:
-    """Tag directories under ``root``, oldest first (``step_NNNNNNNN`` sorts by step)."""
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if TAG_RE.fullmatch(p.name) and p.is_dir())
-
-
 def latest(root: Path) -> CheckpointRef | None:
     """The checkpoint the ``latest`` file names, if it and its directory exist (not verified)."""
-    marker = root / "latest"
-    if not marker.is_file():
+    tag = latest_tag(root)
+    if tag is None:
         return None
-    tag = marker.read_text().strip()
     if not (root / tag).is_dir():
-        log.debug("%s names %s, which is missing", marker, tag)
+        log.debug("%s names %s, which is missing", root / LATEST, tag)
         return None
     return CheckpointRef(root, tag)
 
@@ -180,32 +167,22 @@ def _explicit(ref: CheckpointRef, what: str) -> CheckpointRef:
 
 
 # ---------------------------------------------------------------------------------------- resolving
-def resolve(resume: str | None, output_dir: Path, *, tracking_uri: str | None = None) -> CheckpointRef | None:
+def resolve(resume: str | Path | None, output_dir: Path, *, what: str | None = None) -> CheckpointRef | None:
     """``resume`` -> what to load: ``auto`` (newest intact checkpoint in output_dir/checkpoints, or
-    None), a path (a checkpoint root, or one tag directory), ``runs:/ID`` (looked up in
-    ``tracking_uri``, default $MLFLOW_TRACKING_URI). Collective under a process group."""
+    None) or a local path (a checkpoint root, or one tag directory). ``runs:/ID`` was resolved to a
+    local path by the entry point (vitscale/start.py); ``what`` names the user's spelling in messages.
+    Collective under a process group."""
     if resume in (None, "", "none", "null", False):
         return None
     if resume == "auto":
         return newest_intact(Path(output_dir) / "checkpoints", what="resume=auto")
-    what = f"resume={resume}"
-    if str(resume).startswith("runs:/"):
-        from vitscale.tracking import resolve_resume
-
-        remote = resolve_resume(str(resume), tracking_uri=tracking_uri)
-        root = Path(remote.path)
-        if remote.extra.get("source") == "output_dir" or not remote.tag:  # the run's own disk: like auto
-            found = newest_intact(root, what=what)
-            if found is None:
-                raise CheckpointError(f"{what}: no complete checkpoint in the run's output_dir {root}")
-            return found
-        return _explicit(CheckpointRef(root, remote.tag), what)
+    what = what or f"resume={resume}"
     path = Path(str(resume)).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{what}: {path} does not exist")
-    marker = path / "latest"
-    if marker.is_file():
-        tag = marker.read_text().strip()
+    tag = latest_tag(path)
+    if tag is not None:
+        marker = path / LATEST
         if not (path / tag).is_dir():
             raise CheckpointError(f"{what}: {marker} names {tag!r}, which is not a directory in {path}")
         return _explicit(CheckpointRef(path, tag), what)

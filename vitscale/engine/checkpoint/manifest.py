@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
+from vitscale.engine.checkpoint.layout import MANIFEST  # re-exported: manifest.MANIFEST
+
 FORMAT = "vitscale-checkpoint-manifest/1"
 HASH = "sha256"
 _OWNER = re.compile(r"(?:^|_)rank_(\d+)[_.]")  # rank_3.pt, zero_pp_rank_3_..., bf16_zero_pp_rank_3_...

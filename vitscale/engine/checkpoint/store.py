@@ -25,7 +25,8 @@ import torch.distributed as dist
 from vitscale.engine.checkpoint import manifest
 from vitscale.engine.checkpoint.errors import CheckpointError, NoSpaceError, one_line
 from vitscale.engine.checkpoint.run_config import CONFIG_FILE
-from vitscale.engine.checkpoint.locate import CheckpointRef, from_rank0, gather, group, latest, tag_for, tags
+from vitscale.engine.checkpoint.layout import LATEST, tag_for, tags
+from vitscale.engine.checkpoint.locate import CheckpointRef, from_rank0, gather, group, latest
 from vitscale.engine.checkpoint.safe_load import safe_load, weights_only_loads
 
 log = logging.getLogger("vitscale.engine.checkpoint")
@@ -142,9 +143,9 @@ def save(engine: Any, root: Path, step: int, *, rank: int, client_state: dict[st
         try:
             files = {name: d for part in digests for name, d in part.items()}
             manifest.write(ref.path, tag=ref.tag, step=step, world_size=world, files=files)
-            tmp = root / "latest.tmp"
+            tmp = root / f"{LATEST}.tmp"
             tmp.write_text(ref.tag)
-            os.replace(tmp, root / "latest")
+            os.replace(tmp, root / LATEST)
             if keep > 0:
                 prune(root, keep)
         except OSError as exc:
