@@ -34,6 +34,7 @@ def engine_in_process(output_dir: Path, stage: int = 2) -> Iterator[Any]:
     """A Trainer whose ``engine`` has taken one optimizer step (so optimizer states exist)."""
     import torch.distributed as dist
 
+    from vitscale.engine.distributed import destroy_group
     from vitscale.start import build_trainer
 
     saved = dict(os.environ)
@@ -44,7 +45,7 @@ def engine_in_process(output_dir: Path, stage: int = 2) -> Iterator[Any]:
         yield trainer
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            destroy_group()  # DeepSpeed drops its cached groups too
         os.environ.clear()
         os.environ.update(saved)
         torch.set_num_threads(threads)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from vitscale import console
+from vitscale.engine.distributed import destroy_group
 from vitscale.eval.topk import EvalProgress, evaluate_topk
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +104,7 @@ def zero2_checkpoint(tmp_path: Path) -> Iterator[tuple[Path, torch.nn.Module]]:
         engine.save_checkpoint(str(tmp_path / "checkpoints"), tag="step_00000001")
         yield tmp_path / "checkpoints", engine.module
     finally:
-        dist.destroy_process_group()
+        destroy_group()  # through DeepSpeed: its cached world group must not outlive this group
         os.environ.clear()
         os.environ.update(saved)
 

@@ -298,6 +298,7 @@ def test_a_trainer_is_built_whole_or_not_at_all(tmp_path: Path) -> None:
     import torch.distributed as dist
 
     from ckpt_engine import tiny_cfg  # tests/ is on sys.path
+    from vitscale.engine.distributed import destroy_group
     from vitscale.start import build_trainer
 
     saved, threads = dict(os.environ), torch.get_num_threads()
@@ -314,7 +315,7 @@ def test_a_trainer_is_built_whole_or_not_at_all(tmp_path: Path) -> None:
                 assert hasattr(trainer, name), name
             assert trainer.step == 0 and trainer.loader is None and trainer.accumulation == 1
         finally:
-            dist.destroy_process_group()
+            destroy_group()  # DeepSpeed drops its cached groups too
     finally:
         os.environ.clear()
         os.environ.update(saved)

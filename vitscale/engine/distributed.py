@@ -221,4 +221,16 @@ def teardown(info: DistInfo | None) -> None:
     except Exception as err:  # a peer already died: still release our own resources
         log.warning("teardown barrier failed (%s); destroying the process group anyway", err)
     if info.owns_group:
+        destroy_group()
+
+
+def destroy_group() -> None:
+    """Destroy the default group through DeepSpeed, which also drops the groups it cached (its world
+    clone, data-parallel groups): a later Trainer in the same process (a notebook, a test, a reused
+    Ray worker) would otherwise broadcast over a destroyed group ("Group ... is not registered")."""
+    import deepspeed.comm as ds_comm
+
+    if ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    elif dist.is_initialized():
         dist.destroy_process_group()

@@ -34,7 +34,7 @@ from vitscale.engine.compile import apply_compile, check_compile
 from vitscale.engine.build import build_loss, build_model
 from vitscale.engine.deepspeed_config import build as build_ds_config
 from vitscale.engine.deepspeed_config import loop_clips_gradients, offloads_optimizer, resolve_precision
-from vitscale.engine.distributed import DistInfo, init_distributed, teardown
+from vitscale.engine.distributed import DistInfo, destroy_group, init_distributed, teardown
 from vitscale.engine.loop import TrainingDiverged, run_loop
 from vitscale.engine.metrics import MetricsWriter, StepTimer, peak_flops, peak_memory_bytes, progress_line
 from vitscale.engine.optim import build_optimizer
@@ -326,7 +326,7 @@ class Trainer:
         if clean:
             teardown(self.dist)
         elif self.dist.owns_group and dist.is_initialized():
-            dist.destroy_process_group()  # no barrier: a peer may be gone
+            destroy_group()  # no barrier: a peer may be gone
 
 
 def local_start(job: JobConfig) -> Start:
