@@ -19,6 +19,7 @@ from torch import nn
 from vitscale.config import FinetuneConfig, JobConfig, Start, resolve_model, validate
 from vitscale.engine.build import build_model
 from vitscale.engine.trainer import Trainer
+from vitscale.tracking.base import NullTracker, Tracker
 
 
 def resolve_start(job: JobConfig) -> Start:
@@ -76,10 +77,13 @@ def build_trainer(cfg: DictConfig | Mapping[str, Any], *, world_size: int | None
 
     ``rank`` names the tracker's owner (rank 0 logs); default: $RANK, as torchrun / deepspeed export it.
     """
-    from vitscale.tracking import make_tracker
-
     job = validate(cfg if isinstance(cfg, DictConfig) else dict(cfg), world_size)
     start = resolve_start(job)
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-    tracker = make_tracker(job.record, rank)
+    if job.tracking.enabled:
+        from vitscale.tracking import make_tracker  # MLflow is imported only for a tracked run
+
+        tracker: Tracker = make_tracker(job.record, rank)
+    else:
+        tracker = NullTracker()
     return Trainer(job, start=start, tracker=tracker, callbacks=callbacks, run_params=run_params, batches=batches)
