@@ -35,12 +35,12 @@ stamp "train shards: $TRAIN   test shards: $TEST"
 
 rm -rf "$WORK/pretrain" "$WORK/finetune"   # a demo run starts fresh; the registry keeps every version
 stamp "2/5 pre-train a ViT (14 px, patch 7) with DeepSpeed ZeRO-2 on $NPROC CPU ranks; registers $PRE_NAME"
-$DS --num_gpus "$NPROC" vitscale/train.py +experiment=demo_pretrain \
+$DS --log_level warning --num_gpus "$NPROC" vitscale/train.py +experiment=demo_pretrain \
     data.train_shards="'$TRAIN'" data.val_shards="'$TEST'" output_dir="$WORK/pretrain" \
     tracking.register_name=$PRE_NAME
 
 stamp "3/5 fine-tune from models:/$PRE_NAME@latest at 28 px (position embeddings resampled, new zero head)"
-$DS --num_gpus "$NPROC" vitscale/train.py +experiment=demo_finetune \
+$DS --log_level warning --num_gpus "$NPROC" vitscale/train.py +experiment=demo_finetune \
     finetune.source="models:/$PRE_NAME@latest" \
     data.train_shards="'$TRAIN'" data.val_shards="'$TEST'" output_dir="$WORK/finetune" \
     tracking.register_name=$FT_NAME
