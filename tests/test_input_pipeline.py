@@ -20,6 +20,7 @@ import torch
 from data_tools.shard import main as shard_main
 from data_tools.shard_format import iter_tar_files
 from data_tools.sources import read_idx
+from test_stream import take  # tests/ is on sys.path
 from vitscale.data import build_train_loader
 from vitscale.data import decode as decode_module
 from vitscale.data import stream as stream_module
@@ -28,15 +29,6 @@ from vitscale.data.shards import ShardReadError, _local_tar_members, iter_raw_sa
 from vitscale.data.transforms import TrainTransform, counter_uniforms, random_resized_crops
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def take(it, n: int) -> list[dict]:
-    out = []
-    for batch in it:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -47,11 +47,6 @@ class DataConfig:
         return a.mixup > 0 or a.cutmix > 0 or a.label_smoothing > 0
 
 
-def as_dict(cfg: Any) -> dict:
-    """Plain dict from an omegaconf DictConfig (resolved) or any mapping."""
-    return plain_dict(cfg, "data config")
-
-
 def expand_shards(spec: str | Sequence[str] | None, key: str = "shards") -> list[str]:
     """Brace patterns (`a-{000000..000009}.tar`), `::`-joined strings, or lists of either."""
     if spec is None or spec == "" or spec == []:
@@ -72,7 +67,7 @@ def _pair(value: Any, key: str) -> tuple[float, float]:
 def parse_data_config(cfg: Any) -> DataConfig:
     if isinstance(cfg, DataConfig):  # parsed already (vitscale.config.validate)
         return cfg
-    d = as_dict(cfg)
+    d = plain_dict(cfg, "data config")
     if "num_classes" not in d:
         raise ValueError("data.num_classes is required")
     aug = dict(d.get("augment") or {})

@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 from vitscale.engine.checkpoint.layout import LATEST
+from vitscale.plain import plain_dict
 from vitscale.tracking.base import NullTracker, Tracker
 from vitscale.tracking.provenance import data_fingerprints, flatten_params, git_commit
 from vitscale.tracking.replay import UNSENT_METRICS, replay_command, write_unsent_registrations
@@ -32,7 +33,7 @@ from vitscale.tracking.registry import (
     CHECKPOINT_ARTIFACT_DIR, OUTPUT_DIR_TAG, RegisteredVersion, check_export_dir, register_export,
 )
 from vitscale.tracking.resilience import Outcome, Resilient, RetryPolicy
-from vitscale.tracking.settings import RUN_ID_FILE, TrackingSettings, default_run_name, to_container
+from vitscale.tracking.settings import RUN_ID_FILE, TrackingSettings, default_run_name
 from vitscale.tracking.ui import ui_hint
 from vitscale.tracking.uris import is_local_store, resolve_tracking_uri
 
@@ -79,7 +80,7 @@ class MlflowTracker(Tracker):
     # ------------------------------------------------------------------------------------ run lifecycle
     def start(self, cfg: Any, ds_config: Mapping[str, Any] | None = None,
               tags: Mapping[str, str] | None = None) -> None:
-        container = to_container(cfg)
+        container = plain_dict(cfg)
         self._started = True
         self._run_tags = self._provenance_tags(container) | {k: str(v) for k, v in (tags or {}).items()}
         # Always named here: MLflow's generated names come from Python's `random`, which the trainer
@@ -392,7 +393,7 @@ def make_tracker(cfg: Any, rank: int = 0) -> Tracker:
     defaults (7 retries, exponential backoff, 120 s timeout) would stall a step for minutes when the
     server is down; our own retry/buffer layer takes over.
     """
-    container = to_container(cfg)
+    container = plain_dict(cfg)
     settings = TrackingSettings.from_mapping(container.get("tracking"), resume=container.get("resume"),
                                              output_dir=container.get("output_dir"))
     if rank != 0 or not settings.enabled:

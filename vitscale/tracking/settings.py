@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from vitscale.engine.checkpoint.layout import has_checkpoint
-from vitscale.plain import plain_dict
 from vitscale.tracking.uris import DEFAULT_ARTIFACT_DIR, RunURI, parse_uri
 
 RUN_ID_FILE = "run_id"  # output_dir/tracking/run_id: lets `resume=auto` continue the same run
@@ -72,8 +71,3 @@ def default_run_name(container: Mapping[str, Any], settings: TrackingSettings) -
     if settings.trial_id:
         base += f"-trial-{settings.trial_id}"
     return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
-def to_container(cfg: Any) -> dict[str, Any]:
-    """Resolved plain dict from a DictConfig or Mapping."""
-    return plain_dict(cfg)
