@@ -159,7 +159,7 @@ def vitscale_round(pattern: str, work: Path, r: int, steps: int, batch: int, npr
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env.update(DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
     cmd = [str(REPO / ".venv/bin/deepspeed"), "--num_gpus", str(nproc), str(REPO / "vitscale/train.py"),
-           "+experiment=demo_pretrain", f"model.img_size={IMG}", f"model.patch_size={PATCH}",
+           "+experiment=demo_pretrain", "model=vit_demo", f"model.img_size={IMG}", f"model.patch_size={PATCH}",
            f"model.embed_dim={WIDTH}", f"model.depth={DEPTH}", f"model.num_heads={HEADS}",
            f"trainer.precision={precision}", f"trainer.global_batch_size={batch}",
            f"trainer.micro_batch_size={batch // nproc}", f"trainer.max_steps={steps}", f"trainer.log_every={WINDOW}",
@@ -257,7 +257,8 @@ def main() -> None:
           f"{args.precision} | {args.rounds} alternating rounds x {args.steps} steps (+{args.warmup} warm-up)")
     print(f"plain torch, in-memory, {args.threads} threads          : {plain_med:7.0f} img/s median "
           f"(best window {max(rates['plain']):.0f})")
-    print(f"vitscale, ZeRO-2, {args.nproc} ranks, shard stream    : {vit_med:7.0f} img/s median "
+    zero = next((o.split("=", 1)[1] for o in reversed(args.overrides) if o.startswith("deepspeed=")), "zero2")
+    print(f"vitscale, {zero}, {args.nproc} ranks, shard stream    : {vit_med:7.0f} img/s median "
           f"(best window {max(rates['vitscale']):.0f})")
     for line in sorted(threads) or ["(no 'CPU threads:' line logged by the run)"]:
         print(f"vitscale thread split (logged)           : {line}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end demo on real data (Fashion-MNIST, 60k train / 10k test, 28x28 grey, 10 classes):
-# shard -> pre-train (DeepSpeed ZeRO-2, 2 CPU ranks) -> register in MLflow -> fine-tune at 2x resolution
+# shard -> pre-train (DeepSpeed ZeRO-2, 2 CPU ranks) -> register in MLflow -> fine-tune at higher resolution
 # from models:/NAME@latest -> evaluate on the test split (logged as test_top1 on the fine-tune run).
 # Called by `make demo` after `make setup fmnist`. Everything lands in demo_work/ (DEMO_DIR).
 set -euo pipefail
@@ -16,7 +16,7 @@ WORK_ABS=$(cd "$WORK" && pwd)  # DEMO_DIR may be relative or absolute
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$WORK_ABS/mlflow.db}
 export MLFLOW_DISABLE_TELEMETRY=true DS_ACCELERATOR=cpu MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 PRE_NAME=vit-demo-fmnist
-FT_NAME=vit-demo-fmnist-ft28
+FT_NAME=vit-demo-fmnist-ft40
 start=$(date +%s)
 stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 
@@ -34,12 +34,12 @@ $PY -m data_tools.verify "$WORK/shards/train" >/dev/null && $PY -m data_tools.ve
 stamp "train shards: $TRAIN   test shards: $TEST"
 
 rm -rf "$WORK/pretrain" "$WORK/finetune"   # a demo run starts fresh; the registry keeps every version
-stamp "2/5 pre-train a ViT (14 px, patch 7) with DeepSpeed ZeRO-2 on $NPROC CPU ranks; registers $PRE_NAME"
+stamp "2/5 pre-train a hybrid ViT (32 px, 8 px tokens: 4 x 4 grid) with DeepSpeed ZeRO-2 on $NPROC CPU ranks; registers $PRE_NAME"
 $DS --log_level warning --num_gpus "$NPROC" vitscale/train.py +experiment=demo_pretrain \
     data.train_shards="'$TRAIN'" data.val_shards="'$TEST'" output_dir="$WORK/pretrain" \
     tracking.register_name=$PRE_NAME
 
-stamp "3/5 fine-tune from models:/$PRE_NAME@latest at 28 px (position embeddings resampled, new zero head)"
+stamp "3/5 fine-tune from models:/$PRE_NAME@latest at 40 px (5 x 5 grid; position embeddings resampled, new zero head)"
 $DS --log_level warning --num_gpus "$NPROC" vitscale/train.py +experiment=demo_finetune \
     finetune.source="models:/$PRE_NAME@latest" \
     data.train_shards="'$TRAIN'" data.val_shards="'$TEST'" output_dir="$WORK/finetune" \

@@ -39,7 +39,7 @@ SMALL = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "trainer.mi
 TINY = ["model=vit_demo", "data=fashion_mnist", "deepspeed=zero1", *SMALL]
 # demo_finetune (ZeRO-2) with the paper's fine-tuning recipe (finetune_384's: SGD momentum 0.9, no weight
 # decay, warm-up + cosine) at 2x the 28 px pre-training resolution.
-FINETUNE = ["+experiment=demo_finetune", *SMALL, "model.img_size=56", "optim=sgd_finetune", "optim.weight_decay=0.0",
+FINETUNE = ["+experiment=demo_finetune", "model=vit_demo", *SMALL, "model.img_size=56", "optim=sgd_finetune", "optim.weight_decay=0.0",
             "tracking.register_name=null", "tracking.figures=false"]
 # Warm-up longer than the run: the LR changes every step (so a lost schedule position shows) and does
 # not depend on max_steps (so a run stopped by max_steps is a true prefix of the longer one).

@@ -122,8 +122,8 @@ def test_param_space_and_trial_overrides() -> None:
     assert space["model.drop_path"] == {"grid_search": [0.0, 0.1]}
     assert grid_size(spec) == 2 * spec.num_samples
     # Interpolations that read a swept key follow it (finetune.num_classes: ${data.num_classes}).
-    trial = apply_params(cfg, {"data.num_classes": 3, "optim.lr": 1e-3})
-    assert trial.finetune.num_classes == 3 and trial.optim.lr == 1e-3 and cfg.optim.lr == 2e-3
+    trial = apply_params(cfg, {"data.num_classes": 3, "optim.lr": 5e-4})
+    assert trial.finetune.num_classes == 3 and trial.optim.lr == 5e-4 and cfg.optim.lr == 1e-3
     with pytest.raises(KeyError, match="optim.lrr"):
         apply_params(cfg, {"optim.lrr": 1})
     assert as_overrides({"optim.lr": 0.000123456789, "model.pool": "gap"}) == "model.pool=gap optim.lr=0.000123457"

@@ -30,7 +30,7 @@ def main() -> int:
     for i in range(args.runs):
         with tempfile.TemporaryDirectory() as out:
             cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(29600 + i), str(REPO / "vitscale/train.py"),
-                   "+experiment=demo_pretrain", f"deepspeed=zero{args.stage}", f"output_dir={out}",
+                   "+experiment=demo_pretrain", "model=vit_demo", "model.img_size=14", f"deepspeed=zero{args.stage}", f"output_dir={out}",
                    f"data.train_shards='{args.shards}'", "data.val_shards=null", "data.num_workers=1",
                    "model.depth=2", "model.embed_dim=64", "model.num_heads=2", "trainer.global_batch_size=32",
                    "trainer.micro_batch_size=16", "trainer.max_steps=3", "trainer.checkpoint_every=3",
