@@ -114,3 +114,16 @@ def test_unset_jft_paths_give_one_clear_error(monkeypatch: pytest.MonkeyPatch) -
 def test_local_rank_argument_is_stripped(argv: list[str], expected: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert strip_local_rank(argv) == expected
+
+
+def test_demo_sees_a_real_patch_grid_and_fine_tunes_higher() -> None:
+    """Issue 17: the demo's Figure 7 panels need at least a 4 x 4 grid in pre-training and more tokens
+    in fine-tuning, at a higher resolution, on whole epochs of the 60k Fashion-MNIST images."""
+    pre = validate(_compose("+experiment=demo_pretrain"))
+    fine = validate(_compose("+experiment=demo_finetune", "finetune.source=/nowhere"))
+    assert min(pre.model.grid_size) >= 4 and min(fine.model.grid_size) > min(pre.model.grid_size)
+    assert fine.model.img_size > pre.model.img_size and fine.model.patch_size == pre.model.patch_size
+    assert {k: v for k, v in fine.model.to_dict().items() if k != "img_size"} == \
+        {k: v for k, v in pre.model.to_dict().items() if k != "img_size"}  # the same network, more tokens
+    for job in (pre, fine):
+        assert (job.trainer.max_steps * job.trainer.global_batch_size) % 60_000 < job.trainer.global_batch_size
