@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tiny_runs import TINY_VIT_RUN  # tests/ is on sys.path (rootdir conftest)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def tiny_cfg(output_dir: Path, stage: int = 2, *extra: str) -> Any:
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         return compose("train", overrides=[
-            "+experiment=demo_pretrain", "model=vit_demo", "model.img_size=14", f"deepspeed=zero{stage}", "model.depth=1", "model.embed_dim=32",
+            *TINY_VIT_RUN, f"deepspeed=zero{stage}", "model.depth=1", "model.embed_dim=32",
             "model.num_heads=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=4",
             "trainer.precision=fp32", "tracking.enabled=false", f"output_dir={output_dir}",
             "data.train_shards=unused", "trainer.peak_flops=1e12", *extra])

@@ -19,6 +19,7 @@ import torch
 from vitscale import console
 from vitscale.engine.distributed import destroy_group
 from vitscale.eval.topk import EvalProgress, evaluate_topk
+from tiny_runs import TINY_VIT_RUN  # tests/ is on sys.path (rootdir conftest)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -192,7 +193,7 @@ def test_short_training_console_has_progress_and_no_noise(shards: list[str], tmp
         port = s.getsockname()[1]
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
            str(REPO / "vitscale" / "train.py"), f"output_dir={tmp_path / 'run'}", *shards,
-           "+experiment=demo_pretrain", "model=vit_demo", "model.img_size=14", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
+           *TINY_VIT_RUN, "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
            "trainer.global_batch_size=16", "trainer.micro_batch_size=8", "trainer.max_steps=2", "trainer.log_every=1",
            "trainer.checkpoint_every=2", "deepspeed=zero2", "tracking.enabled=false", "tracking.figures=false",
            "data.num_workers=0", "eval.batch_size=32", "trainer.precision=fp32"]

@@ -19,6 +19,7 @@ import torch
 
 from test_stream import loader, take
 from test_train_dist import _env, _port, shards  # noqa: F401 - fixture
+from tiny_runs import TINY_VIT_RUN
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ LR, WARMUP = 5e-3, 1
 # (world size, max_steps) of each leg; every leg checkpoints every 3 steps, so leg k ends at 3k.
 CHAIN = [(2, 3), (1, 6), (2, 9)]
 COMMON = [
-    "+experiment=demo_pretrain", "model=vit_demo", "model.img_size=14", "model.depth=2", "model.embed_dim=32", "model.num_heads=2",
+    *TINY_VIT_RUN, "model.depth=2", "model.embed_dim=32", "model.num_heads=2",
     "trainer.global_batch_size=16", "trainer.micro_batch_size=8", "trainer.log_every=1",
     "trainer.checkpoint_every=3", f"optim.lr={LR}", f"optim.schedule.warmup_steps={WARMUP}",
     "tracking.enabled=false", "data.num_workers=1", "trainer.precision=fp32", "trainer.export_at_end=false",

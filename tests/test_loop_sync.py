@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 
 from dist_scripts.fmnist_shards import write_shards
+from tiny_runs import TINY_VIT_RUN  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 VITSCALE = str(REPO / "vitscale")
 STEPS, LOG_EVERY = 8, 4
 COMMON = [
-    "+experiment=demo_pretrain", "model=vit_demo", "model.img_size=14", "model.depth=2", "model.embed_dim=32", "model.num_heads=2",
+    *TINY_VIT_RUN, "model.depth=2", "model.embed_dim=32", "model.num_heads=2",
     "data.val_shards=null", "data.num_workers=1", "trainer.global_batch_size=32", "trainer.micro_batch_size=8",
     f"trainer.log_every={LOG_EVERY}", f"trainer.nan_patience={LOG_EVERY}", "trainer.checkpoint_every=0",
     "trainer.export_at_end=false", "trainer.precision=fp32", "trainer.peak_flops=1", "tracking.enabled=false",

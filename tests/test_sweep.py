@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from dist_scripts.fmnist_shards import write_shards  # tests/ is on sys.path (rootdir conftest)
+from tiny_runs import TINY_VIT
 
 pytestmark = pytest.mark.slow
 MAX_STEPS, EVAL_EVERY, KILL_AT = 24, 4, 10
@@ -43,7 +44,7 @@ def sweep(tmp_path_factory, fashion_mnist):
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     mp.setenv("VITSCALE_SWEEP_FAULT", f"rank=1,step={KILL_AT},marker={marker}")
     overrides = [
-        "+sweep=demo", "model=vit_demo", "model.img_size=14", f"data.train_shards='{train}'", f"data.val_shards='{val}'",
+        "+sweep=demo", *TINY_VIT, f"data.train_shards='{train}'", f"data.val_shards='{val}'",
         "model.depth=2", "model.embed_dim=64", "model.num_heads=2", "trainer.precision=fp32",
         "trainer.global_batch_size=32", "trainer.micro_batch_size=16", f"trainer.max_steps={MAX_STEPS}",
         "trainer.log_every=2", f"trainer.checkpoint_every={EVAL_EVERY}", f"eval.every={EVAL_EVERY}",

@@ -26,13 +26,14 @@ import pytest
 import torch
 
 from dist_scripts.fmnist_shards import write_shards  # tests/ is on sys.path (rootdir conftest)
+from tiny_runs import TINY_VIT_RUN
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STEPS = 12
 COMMON = [
-    "+experiment=demo_pretrain", "model=vit_demo", "model.img_size=14", "model.depth=2", "model.embed_dim=64", "model.num_heads=2",
+    *TINY_VIT_RUN, "model.depth=2", "model.embed_dim=64", "model.num_heads=2",
     "model.dropout=0.1", "trainer.global_batch_size=32", "trainer.micro_batch_size=8",
     f"trainer.max_steps={STEPS}", "trainer.log_every=1", "trainer.checkpoint_every=4",
     # SGD rather than the demo's AdamW: Adam divides by sqrt(v), which turns float-summation-order

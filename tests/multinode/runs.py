@@ -15,6 +15,7 @@ from pathlib import Path
 
 import launchers
 from twohosts import Host, Launch, TwoHosts
+from tiny_runs import TINY_VIT_RUN  # tests/ is on sys.path (rootdir conftest)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ def train_overrides(shards: str, output_dir: Path, *, max_steps: int, zero: int 
                     checkpoint_every: int = 2, extra: Sequence[str] = ()) -> list[str]:
     """Hydra overrides for a tiny demo_pretrain run: 2 blocks of width 32, batch 16 per rank."""
     return [
-        "+experiment=demo_pretrain", "model=vit_demo", "model.img_size=14",
+        *TINY_VIT_RUN,
         "trainer.precision=fp32",  # ranks are compared bit for bit
         f"data.train_shards='{shards}'",
         f"output_dir={output_dir}",
