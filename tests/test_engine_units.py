@@ -206,10 +206,16 @@ def test_cpu_thread_plan_gives_workers_cores_only_when_ranks_keep_two_threads() 
     # The 2-core demo: 2 ranks x 1 thread, their 2 workers time-slice (reserving would leave 0).
     plan = plan_cpu_threads(2, 1, cores=2, env={})
     assert (plan.torch_threads, plan.user_set) == (1, False)
-    assert plan.line() == "CPU threads: 2 cores, 2 local ranks x 1 torch threads, 1 loader workers x 1 thread"
+    assert plan.line() == ("CPU threads: 2 cores, 2 local ranks x 1 torch threads, 1 loader workers x 1 thread "
+                           "at nice 19 (they share cores with the ranks)")
     assert plan_cpu_threads(1, 1, cores=2, env={}).torch_threads == 2  # a lone rank keeps both cores
     assert plan_cpu_threads(2, 1, cores=4, env={}).torch_threads == 2  # reserving would leave 1 per rank
     assert plan_cpu_threads(2, 1, cores=8, env={}).torch_threads == 3  # (8 - 2 workers) // 2 ranks
+    # Workers run at the lowest priority exactly when they time-slice with ranks.
+    assert plan_cpu_threads(1, 1, cores=2, env={}).worker_nice == 19
+    assert plan_cpu_threads(2, 1, cores=8, env={}).worker_nice == 0  # a core each, nothing to yield to
+    assert plan_cpu_threads(2, 0, cores=2, env={}).worker_nice == 0
+    assert plan_cpu_threads(2, 1, cores=8, env={"OMP_NUM_THREADS": "4"}).worker_nice == 19  # user filled the cores
     assert plan_cpu_threads(8, 4, cores=16, env={}).torch_threads == 2  # 32 workers cannot have cores
     assert plan_cpu_threads(2, 0, cores=8, env={}).torch_threads == 4
     assert plan_cpu_threads(4, 2, cores=2, env={}).torch_threads == 1  # never 0
@@ -227,7 +233,8 @@ def test_loader_call_sets_rank_threads_logs_once_and_caps_workers(monkeypatch: p
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         monkeypatch.setenv("LOCAL_SIZE", "2")
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-        monkeypatch.setattr(threads, "_logged", set())
+        monkeypatch.setattr(threads, "_inits", {})
+        nice = os.nice(0)
         with caplog.at_level("INFO", logger="vitscale.cpu_threads"):
             init = threads.cpu_loader_worker_init(1, torch.device("cpu"))
             assert threads.cpu_loader_worker_init(1, torch.device("cpu")) is init
@@ -239,6 +246,28 @@ def test_loader_call_sets_rank_threads_logs_once_and_caps_workers(monkeypatch: p
         assert init is not None
         init(0)
         assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        assert os.nice(0) == nice  # 8 cores, 2 x (3 + 1): nothing shared, so no niceness (it would be this process's)
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Niceness(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield os.nice(0)
+
+
+def test_workers_that_share_cores_with_ranks_run_at_the_lowest_priority(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitscale import cpu_threads as threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_SIZE", "2")
+        monkeypatch.setattr(threads, "_inits", {})
+        init = threads.cpu_loader_worker_init(1, torch.device("cpu"))  # the 2-core demo's split
+        loader = torch.utils.data.DataLoader(_Niceness(), batch_size=None, num_workers=1, worker_init_fn=init)
+        assert list(loader) == [min(os.nice(0) + 19, 19)]  # the worker's niceness; this process keeps its own
     finally:
         torch.set_num_threads(before)
 

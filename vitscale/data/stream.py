@@ -22,6 +22,8 @@ Batches are assembled in the workers (a batch may span two draws): each sample's
 as it comes, and when a batch is full its crops are drawn together, every image is decoded once
 and cropped, resized and flipped as a batch (`TrainTransform`, `_BatchBuilder`). Batches travel as
 uint8 and are normalised and mixed (timm Mixup, seeded by the batch index) in the main process.
+On CPU hosts a background thread receives them from the workers (`vitscale.data.handoff`); the
+positions above are still recorded as training takes each batch, so prefetching never moves them.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from vitscale.data.config import DataConfig, parse_data_config
 from vitscale.data.samples import SampleFields
 from vitscale.data.shards import ShardReadError, iter_raw_samples
 from vitscale.data.decode import EncodedImage, open_image
+from vitscale.data.handoff import received_in_background
 from vitscale.data.transforms import BatchMixer, Normalizer, TrainTransform, derive_seed
 
 log = logging.getLogger(__name__)
@@ -297,7 +300,10 @@ class TrainLoader:
                             prefetch_factor=2 if workers else None, persistent_workers=False,
                             worker_init_fn=cpu_loader_worker_init(workers),
                             generator=torch.Generator().manual_seed(self.seed))
-        for item in loader:
+        items: Iterator[dict] = iter(loader)
+        if workers and not loader.pin_memory:  # CUDA: torch's pin-memory thread already receives
+            items = received_in_background(items, depth=2)
+        for item in items:
             worker = item.pop("_worker")
             self.positions[worker] = tuple(item.pop("_pos"))
             self.next_worker = (worker + 1) % self.num_streams
