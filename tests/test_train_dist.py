@@ -132,6 +132,22 @@ def test_zero3_equals_zero0_after_training(stage_runs: dict[int, Path]) -> None:
         assert all(abs(curve[s] - reference_curve[s]) < 1e-4 for s in reference_curve), (stage, curve)
 
 
+def test_overlapped_grad_reduce_gives_deepspeeds_numbers(stage_runs: dict[int, Path], shards: list[str],
+                                                         tmp_path: Path) -> None:
+    """ZeRO-0 fp32 reduces gradients in buckets during backward (vitscale.engine.grad_reduce, on by
+    default, with gradient accumulation here); DeepSpeed's own reduction must give the same bits."""
+    out = tmp_path / "zero0_deepspeed_reduce"
+    proc = launch("deepspeed", out, [*shards, "deepspeed=zero0", "trainer.activation_checkpointing.policy=torch",
+                                     "trainer.overlap_grad_reduce=false"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ours, _ = load_export(stage_runs[0])
+    theirs, _ = load_export(out)
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert torch.equal(ours[name], value), name
+    assert losses(stage_runs[0]) == losses(out)
+
+
 def test_consolidated_export_loads_in_create_model_and_timm(stage_runs: dict[int, Path]) -> None:
     import timm
 

@@ -72,6 +72,9 @@ class TrainerConfig:
     """torch.compile backend (aot_eager traces without code generation)."""
     compile_eager_rng: bool = False
     """Inductor's random ops (dropout) draw from eager's RNG: compiled runs see the eager masks."""
+    overlap_grad_reduce: bool = True
+    """ZeRO-0 fp32 on several ranks: all-reduce gradients in buckets while backward runs (as torch
+    DDP does) instead of DeepSpeed's one all-reduce after it; same numbers (vitscale.engine.grad_reduce)."""
     peak_flops: float | None = None
     """Per-device peak FLOP/s for MFU; null: vitscale.hardware's GPU table or a CPU matmul probe."""
 

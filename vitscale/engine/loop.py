@@ -121,8 +121,13 @@ def train_step(trainer: "Trainer", batches: Iterator[dict[str, Any]], timer: Ste
         finite = torch.isfinite(value)
         loss_sum += torch.where(finite, value, 0.0)
         nonfinite |= ~finite
+        last = micro == trainer.accumulation - 1
+        if last and trainer.grad_reduce is not None:
+            trainer.grad_reduce.arm()  # this backward's gradients are all-reduced as they come
         engine.backward(loss)
-        if micro == trainer.accumulation - 1 and trainer.loop_clips:
+        if last and trainer.loop_clips:
+            if trainer.grad_reduce is not None:
+                trainer.grad_reduce.finish()
             # ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers clip, and skip a step whose gradient norm
             # is not finite, themselves; for ZeRO-0 fp32 the loop does both (deepspeed_config).
             stats.grad_norm, skipped = _clip_or_skip(engine, trainer.optimizer, trainer.grad_clip)

@@ -34,6 +34,7 @@ from vitscale.engine.compile import apply_compile, check_compile
 from vitscale.engine.build import build_loss, build_model
 from vitscale.engine.deepspeed_config import build as build_ds_config
 from vitscale.engine.deepspeed_config import loop_clips_gradients, offloads_optimizer, resolve_precision
+from vitscale.engine.grad_reduce import OverlappedGradReduce
 from vitscale.engine.distributed import DistInfo, destroy_group, init_distributed, teardown
 from vitscale.engine.loop import TrainingDiverged, run_loop
 from vitscale.engine.metrics import MetricsWriter, StepTimer, peak_flops, peak_memory_bytes, progress_line
@@ -114,6 +115,10 @@ class Trainer:
         self.optimizer = build_optimizer(model, job.optim, device=info.device, offload=offloads_optimizer(job))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config,
                                                     dist_init_required=False)
+        self.grad_reduce: OverlappedGradReduce | None = None
+        if self.loop_clips and info.world_size > 1 and tc.overlap_grad_reduce:
+            self.engine.enable_backward_allreduce = False  # DeepSpeed's flag for "someone else reduces"
+            self.grad_reduce = OverlappedGradReduce(self.engine.module)
         self.loss_fn = build_loss(tc.loss)
         self.peak = float(tc.peak_flops) if tc.peak_flops else peak_flops(info.device, self.precision)
         self.metrics_file = MetricsWriter(self.output_dir / "metrics.jsonl", enabled=info.is_main)
