@@ -81,7 +81,9 @@ def _plain_tar_members(f: IO[bytes]) -> Iterator[dict]:
             if zeros < _BLOCK:
                 raise _NotPlain
             return
-        if _octal(header[148:156]) != 256 + sum(header[:148]) + sum(header[156:]):
+        # The checksum field counts as 8 spaces (256); summing without the zero bytes (most of a
+        # header) is 2.3x faster and was 12 % of a loader worker's time on 28 px images.
+        if _octal(header[148:156]) != 256 + sum(header.translate(None, b"\0")) - sum(header[148:156]):
             raise _NotPlain  # a damaged header (or signed checksums, which tarfile also accepts)
         kind, size = header[156], _octal(header[124:136])
         name = _field(header[:100])
