@@ -246,7 +246,7 @@ def test_loader_call_sets_rank_threads_logs_once_and_caps_workers(monkeypatch: p
         assert init is not None
         init(0)
         assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
-        assert os.nice(0) == nice  # 8 cores, 2 x (3 + 1): nothing shared, so no niceness (it would be this process's)
+        assert os.nice(0) == nice  # 8 cores, 2 x (3 + 1): nothing shared, no niceness (it would be this process's)
     finally:
         torch.set_num_threads(before)
 

@@ -248,7 +248,8 @@ def test_train_crop_is_torchvision_resized_crop(foolbox_data: Path) -> None:
     assert 0 < sum(flips) < len(flips)
 
 
-def test_small_batches_travel_pickled_large_ones_in_shared_memory(shards: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_batches_travel_pickled_large_ones_in_shared_memory(shards: dict,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Below _PICKLE_BELOW a worker's batch goes through its pipe as a numpy array (no per-storage
     fd handshake), above it as a shared-memory tensor; the batches training sees are the same."""
     from vitscale.data import stream as stream_module

@@ -314,9 +314,10 @@ class TrainLoader:
                             prefetch_factor=2 if workers else None, persistent_workers=False,
                             worker_init_fn=cpu_loader_worker_init(workers), collate_fn=_as_is,
                             generator=torch.Generator().manual_seed(self.seed))
-        items: Iterator[dict] = iter(loader)
+        received = iter(loader)  # in this thread: torch installs its dead-worker handler from the main thread only
+        items: Iterator[dict] = (self._normalized(item) for item in received)
         if workers and not loader.pin_memory:  # CUDA: torch's pin-memory thread already receives
-            items = received_in_background(items, depth=2)
+            items = received_in_background(items, depth=2)  # receives and normalises off the step
         for item in items:
             worker = item.pop("_worker")
             self.positions[worker] = tuple(item.pop("_pos"))
@@ -324,10 +325,15 @@ class TrainLoader:
             if "_bad_shard" in item:
                 self._count_bad_shard(item)
                 continue
-            pixels, labels = torch.as_tensor(item["image"]), torch.from_numpy(item["label"])
-            images, labels = self.mixer(self.normalize(pixels), labels, derive_seed(self.seed, self.rank, self.batches, _MIX))
+            images, labels = self.mixer(item["image"], torch.from_numpy(item["label"]),
+                                        derive_seed(self.seed, self.rank, self.batches, _MIX))
             self.batches += 1
             yield {"image": images, "label": labels, "key": item["key"]}
+
+    def _normalized(self, item: dict) -> dict:
+        if "_bad_shard" not in item:
+            item["image"] = self.normalize(torch.as_tensor(item["image"]))
+        return item
 
     def _count_bad_shard(self, event: dict) -> None:
         self.bad_shards += 1
