@@ -250,15 +250,15 @@ def test_train_crop_is_torchvision_resized_crop(foolbox_data: Path) -> None:
 
 def test_small_batches_travel_pickled_large_ones_in_shared_memory(shards: dict,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Below _PICKLE_BELOW a worker's batch goes through its pipe as a numpy array (no per-storage
+    """Below PICKLE_BELOW a worker's batch goes through its pipe as a numpy array (no per-storage
     fd handshake), above it as a shared-memory tensor; the batches training sees are the same."""
-    from vitscale.data import stream as stream_module
+    from vitscale.data import handoff
 
     cfg = data_cfg(shards, num_workers=2)
     small = next(iter(loader(cfg).worker_dataset()))
     assert isinstance(small["image"], np.ndarray) and small["image"].dtype == np.uint8
     piped = take(loader(cfg), 4)
-    monkeypatch.setattr(stream_module, "_PICKLE_BELOW", 0)
+    monkeypatch.setattr(handoff, "PICKLE_BELOW", 0)
     assert isinstance(next(iter(loader(cfg).worker_dataset()))["image"], torch.Tensor)
     shared = take(loader(cfg), 4)
     for a, b in zip(piped, shared):

@@ -43,7 +43,7 @@ from vitscale.data.config import DataConfig, parse_data_config
 from vitscale.data.samples import SampleFields
 from vitscale.data.shards import ShardReadError, iter_raw_samples
 from vitscale.data.decode import EncodedImage, open_image
-from vitscale.data.handoff import received_in_background
+from vitscale.data.handoff import as_is, for_transfer, received_in_background
 from vitscale.data.transforms import BatchMixer, Normalizer, TrainTransform, derive_seed
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = "vitscale.data.TrainLoader/1"
 _DRAW, _WINDOW, _AUGMENT, _MIX = 0, 1, 2, 3  # stream tags inside derive_seed
 _LAYOUT_KEYS = ("world_size", "num_workers", "batch_size")  # may change on an elastic resume (remapped)
-_PICKLE_BELOW = 1 << 20  # bytes of uint8 pixels per batch (`_for_transfer`)
 
 
 class BadShardsError(RuntimeError):
@@ -182,7 +181,7 @@ class _BatchBuilder:
         ready, self.ready = self.ready, []
         images = self.transform.finish([r[0] for r in ready], [r[1] for r in ready], np.stack([r[2] for r in ready]),
                                        np.array([r[3] for r in ready]), [r[4] for r in ready])
-        return {"image": _for_transfer(images), "label": np.array([r[5] for r in ready], dtype=np.int64),
+        return {"image": for_transfer(images), "label": np.array([r[5] for r in ready], dtype=np.int64),
                 "key": [r[6] for r in ready], "_worker": self.worker, "_pos": [draw, pos + 1]}
 
     def bad_shard(self, error: ShardReadError, draw: int) -> dict:
@@ -192,19 +191,6 @@ class _BatchBuilder:
         self.pending, self.ready = [], []
         return {"_bad_shard": error.url, "_error": str(error), "_dropped": dropped, "_worker": self.worker,
                 "_pos": [draw + 1, 0]}
-
-
-def _for_transfer(images: torch.Tensor) -> torch.Tensor | np.ndarray:
-    """How a batch leaves its worker. A tensor travels in shared memory, which costs the main
-    process a file-descriptor handshake with the worker per storage (~1 ms, more when the worker
-    must first be scheduled on a busy host); below `_PICKLE_BELOW` bytes copying the pixels through
-    the worker's pipe is cheaper (a numpy array: DataLoader leaves it alone with `_as_is`)."""
-    return images.numpy() if images.numel() * images.element_size() < _PICKLE_BELOW else images
-
-
-def _as_is(item: dict) -> dict:
-    """DataLoader's collate_fn: items are complete batches; keep numpy arrays as they are."""
-    return item
 
 
 def _skip_warning(sample: dict, error: Exception) -> None:
@@ -312,7 +298,7 @@ class TrainLoader:
         # shifting the training process's dropout stream on every resume.
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                             prefetch_factor=2 if workers else None, persistent_workers=False,
-                            worker_init_fn=cpu_loader_worker_init(workers), collate_fn=_as_is,
+                            worker_init_fn=cpu_loader_worker_init(workers), collate_fn=as_is,
                             generator=torch.Generator().manual_seed(self.seed))
         received = iter(loader)  # in this thread: torch installs its dead-worker handler from the main thread only
         items: Iterator[dict] = (self._normalized(item) for item in received)
