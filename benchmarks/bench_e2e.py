@@ -157,9 +157,7 @@ def _ddp_rank(rank: int, world: int, port: int, fmnist: Path, batch: int, steps:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     loop = PlainLoop(fmnist, batch // world, total_steps=steps + warmup + 10)
     loop.gen.manual_seed(rank)  # each rank its own batches
-    loop.model = torch.nn.parallel.DistributedDataParallel(loop.model)
-    loop.opt = torch.optim.AdamW(loop.model.parameters(), lr=2e-3, weight_decay=0.05)
-    loop.sched = torch.optim.lr_scheduler.OneCycleLR(loop.opt, max_lr=2e-3, total_steps=steps + warmup + 10)
+    loop.model = torch.nn.parallel.DistributedDataParallel(loop.model)  # same parameters: the loop's optimizer stays
     loop.windows(warmup)
     rates = loop.windows(steps)
     if rank == 0:
